@@ -1,0 +1,255 @@
+"""BLEU on known values, agreement with nltk, bootstrap and the baselines."""
+
+import math
+import random
+import warnings
+
+import numpy as np
+import pytest
+from nltk.translate.bleu_score import corpus_bleu
+
+from toolkit.errors import CapkitError
+from toolkit.evaluate import (
+    CHAR_LANGS,
+    BleuResult,
+    bleu_tokenize,
+    corpus_bleu_scores,
+    format_table,
+    most_frequent_caption,
+    nearest_neighbour_captions,
+    paired_bootstrap,
+    tokenization_name,
+)
+
+# --- tokenization -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, lang, tokens",
+    [
+        ("A dog, running!", "en", ["a", "dog", "running"]),
+        ("A black-and-white dog's ball", "en", ["a", "black", "and", "white", "dog", "s", "ball"]),
+        ("Die Straße", "de", ["die", "strasse"]),  # casefold, not lower
+        ("كلب يجري، في الحديقة.", "ar", ["كلب", "يجري", "في", "الحديقة"]),  # Arabic comma is P*
+        ("Собака бежит по траве!", "ru", ["собака", "бежит", "по", "траве"]),
+        ("כלב רץ בפארק.", "he", ["כלב", "רץ", "בפארק"]),
+        ("一只狗在跑。", "zh", ["一", "只", "狗", "在", "跑"]),
+        # Latin and digit runs stay words; full-width ＮＢＡ is NFKC-folded first.
+        ("穿着ＮＢＡ球衣的T恤男孩, 3岁", "zh-CN", ["穿", "着", "nba", "球", "衣", "的", "t", "恤", "男", "孩", "3", "岁"]),
+        ("犬が走っている。", "ja", ["犬", "が", "走", "っ", "て", "い", "る"]),
+        ("แมว วิ่ง", "th", ["แ", "ม", "ว", "วิ่", "ง"]),  # vowel and tone marks stay on their consonant
+        ("...!?", "en", []),
+        ("。！、", "zh", []),
+        ("", "ja", []),
+    ],
+)
+def test_bleu_tokenize(text, lang, tokens):
+    assert bleu_tokenize(text, lang) == tokens
+
+
+def test_tokenization_name():
+    assert {tokenization_name(x) for x in ("zh", "ZH_hans", "ja-JP", "th", "yue")} == {"chars"}
+    assert {tokenization_name(x) for x in ("en", "ar", "ru", "ko", "de")} == {"words"}
+    assert {"zh", "ja", "th"} <= CHAR_LANGS
+
+
+# --- known values -----------------------------------------------------------
+
+
+def test_words_known_value():
+    # hyp  a man rides a red bike          (6 tokens)
+    # ref1 a man rides a bike              (5)
+    # ref2 a man is riding a red bicycle   (7)
+    # p1 = 6/6: a x2 (both refs have 2), man, rides (ref1), red (ref2), bike (ref1)
+    # p2 = 4/5: a man, man rides, rides a, a red (ref2); not red bike
+    # p3 = 2/4: a man rides, man rides a; not rides a red, a red bike
+    # p4 = 1/3: a man rides a; not man rides a red, rides a red bike
+    # closest ref length: 5 and 7 tie at distance 1, the shorter wins -> 5 < 6, so BP = 1
+    # B1 = 100, B2 = 100*(0.8)^(1/2) = 89.4427, B3 = 100*(0.4)^(1/3) = 73.6806,
+    # B4 = 100*(0.4/3)^(1/4) = 60.4275
+    r = corpus_bleu_scores(
+        {"a.jpg": "A man rides a red bike."},
+        {"a.jpg": ["A man rides a bike.", "A man is riding a red bicycle."]},
+        "en",
+    )
+    assert [r.bleu1, r.bleu2, r.bleu3, r.bleu4] == pytest.approx([100, 89.4427, 73.6806, 60.4275], abs=1e-4)
+    assert [r.bleu1_nobp, r.bleu4_nobp] == pytest.approx([r.bleu1, r.bleu4])  # BP = 1
+    assert (r.n_images, r.n_references, r.tokenization) == (1, 2, "words")
+
+
+def test_chars_known_value():
+    # hyp  一只狗在跑。          -> 5 chars, the 。 dropped
+    # ref1 一只黑狗在草地上跑 (9 chars), ref2 一只狗在草地上跑 (8 chars)
+    # p1 = 5/5; p2 = 3/4 (一只 只狗 狗在; not 在跑); p3 = 2/3 (一只狗 只狗在); p4 = 1/2 (一只狗在)
+    # closest ref length 8 > 5: BP = exp(1 - 8/5) = exp(-0.6) = 0.548812
+    # B1 = 54.8812, B2 = 54.8812*(3/4)^(1/2) = 47.5285, B3 = 54.8812*(1/2)^(1/3) = 43.5592,
+    # B4 = 54.8812*(1/4)^(1/4) = 38.8068; no BP: 100, 86.6025, 79.3701, 70.7107
+    refs = {"x": ["一只黑狗在草地上跑", "一只狗在草地上跑。"]}
+    r = corpus_bleu_scores({"x": "一只狗在跑。"}, refs, "zh")
+    assert [r.bleu1, r.bleu2, r.bleu3, r.bleu4] == pytest.approx([54.8812, 47.5285, 43.5592, 38.8068], abs=1e-4)
+    assert [r.bleu1_nobp, r.bleu2_nobp, r.bleu3_nobp, r.bleu4_nobp] == pytest.approx(
+        [100, 86.6025, 79.3701, 70.7107], abs=1e-4
+    )
+    assert r.tokenization == "chars" and "tok:chars" in r.signature
+    # The same text scored as words is one unmatched "sentence token": why zh needs chars.
+    assert corpus_bleu_scores({"x": "一只狗在跑。"}, refs, "en").bleu1 == 0.0
+
+
+def test_corpus_pools_counts_and_zero_order_is_zero_without_warnings():
+    # image 1: hyp a dog runs (3); refs a dog is running (4), the dog runs fast (4)
+    #   p1 3/3, p2 2/2 (a dog, dog runs), p3 0/1, p4 0/1 (nltk counts at least 1 per image)
+    # image 2: hyp two cats (2); ref two cats sleep (3): p1 2/2, p2 1/1, p3 0/1, p4 0/1
+    # corpus: c = 5, r = 4 + 3 = 7, BP = exp(1 - 7/5) = 0.670320; B1 = B2 = 67.0320, B3 = B4 = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = corpus_bleu_scores(
+            {"1": "a dog runs", "2": "two cats"},
+            {"1": ["a dog is running", "the dog runs fast"], "2": ["two cats sleep"]},
+            "en",
+        )
+    assert [r.bleu1, r.bleu2, r.bleu3, r.bleu4] == pytest.approx([67.0320, 67.0320, 0, 0], abs=1e-4)
+    assert r.bleu3 == 0.0 and r.bleu4_nobp == 0.0
+    assert "refs:1-2" in r.signature
+
+
+def test_nobp_is_bleu_over_bp_when_hyp_is_shorter():
+    # hyp a man rides a bike (5), ref a man rides a red bike (6): p = 5/5, 3/4, 2/3, 1/2
+    # BP = exp(1 - 6/5) = 0.818731; B4 no BP = (1/4)^(1/4) = 70.7107, B4 = 57.8930
+    r = corpus_bleu_scores({"a": "a man rides a bike"}, {"a": ["a man rides a red bike"]}, "en")
+    bp = math.exp(1 - 6 / 5)
+    assert r.bleu4_nobp == pytest.approx(70.7107, abs=1e-4)
+    assert r.bleu4 == pytest.approx(57.8930, abs=1e-4)
+    for n in range(1, 5):
+        assert getattr(r, f"bleu{n}_nobp") == pytest.approx(getattr(r, f"bleu{n}") / bp)
+
+
+def _random_corpus(seed, n_images=40, lang="en"):
+    rng = random.Random(seed)
+    words = "a the dog cat man runs sits on red grass ball in water two".split()
+    sent = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))  # noqa: E731
+    hyps = {f"{i}.jpg": sent() for i in range(n_images)}
+    refs = {k: [sent() for _ in range(rng.randint(1, 5))] for k in hyps}
+    return hyps, refs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_agrees_with_nltk_corpus_bleu(seed):
+    hyps, refs = _random_corpus(seed)
+    r = corpus_bleu_scores(hyps, refs, "en")
+    ids = sorted(hyps)
+    toks = [bleu_tokenize(hyps[k], "en") for k in ids]
+    ref_toks = [[bleu_tokenize(x, "en") for x in refs[k]] for k in ids]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = [100 * corpus_bleu(ref_toks, toks, weights=(1 / n,) * n) for n in range(1, 5)]
+    assert [r.bleu1, r.bleu2, r.bleu3, r.bleu4] == pytest.approx(expected, rel=1e-12, abs=1e-9)
+
+
+# --- bootstrap --------------------------------------------------------------
+
+
+def test_bootstrap_interval_contains_point_and_is_deterministic():
+    hyps, refs = _random_corpus(7, n_images=60)
+    a = corpus_bleu_scores(hyps, refs, "en", bootstrap=200, seed=3)
+    b = corpus_bleu_scores(dict(reversed(hyps.items())), refs, "en", bootstrap=200, seed=3)
+    assert a.ci == b.ci  # same seed, same interval, whatever the dict order
+    assert a.ci != corpus_bleu_scores(hyps, refs, "en", bootstrap=200, seed=4).ci
+    assert set(a.ci) == {f"bleu{n}{s}" for n in range(1, 5) for s in ("", "_nobp")}
+    for name, (lo, hi) in a.ci.items():
+        assert lo <= getattr(a, name) <= hi, name
+
+
+def test_fast_bootstrap_sums_equal_nltk_on_the_full_sample():
+    from toolkit.evaluate import _image_stats, _prepare, _scores_from_sums
+
+    hyps, refs = _random_corpus(11)
+    _, h, r = _prepare(hyps, refs, "en")
+    stats = np.array([_image_stats(x, y) for x, y in zip(h, r)])
+    bleu, _ = _scores_from_sums(stats.sum(axis=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = [100 * corpus_bleu(r, h, weights=(1 / n,) * n) for n in range(1, 5)]
+    assert bleu == pytest.approx(expected, rel=1e-12)
+    # A resample that draws every image once is the full sample.
+    assert _scores_from_sums(np.ones(len(stats)) @ stats)[0] == pytest.approx(bleu)
+
+
+def test_paired_bootstrap_prefers_the_better_system():
+    hyps, refs = _random_corpus(5, n_images=50)
+    good = {k: v[0] for k, v in refs.items()}  # a reference itself: near-perfect
+    out = paired_bootstrap(good, hyps, refs, "en", n=300, seed=1)
+    assert out["p_a_better"] > 0.99 and out["bleu4_a"] > out["bleu4_b"]
+    assert out["ci_a"][0] <= out["bleu4_a"] <= out["ci_a"][1]
+    assert out["delta_ci"][0] > 0
+    assert out == paired_bootstrap(good, hyps, refs, "en", n=300, seed=1)
+    with pytest.raises(CapkitError, match="different images"):
+        paired_bootstrap(good, {"0.jpg": "a dog"}, refs, "en")
+
+
+# --- errors -----------------------------------------------------------------
+
+
+def test_bad_input_is_a_capkit_error():
+    with pytest.raises(CapkitError, match="no captions"):
+        corpus_bleu_scores({}, {"a": ["x"]}, "en")
+    with pytest.raises(CapkitError, match="2 of 3 .*b.jpg, c.jpg"):
+        corpus_bleu_scores({"a.jpg": "x", "b.jpg": "y", "c.jpg": "z"}, {"a.jpg": ["x"], "b.jpg": []}, "en")
+    with pytest.raises(CapkitError, match="one string"):
+        corpus_bleu_scores({"a": "x"}, {"a": "x y"}, "en")
+    with pytest.raises(CapkitError, match="at least 1"):
+        paired_bootstrap({"a": "x"}, {"a": "x"}, {"a": ["x"]}, "en", n=0)
+
+
+def test_extra_references_are_ignored_and_empty_hyp_scores_zero():
+    r = corpus_bleu_scores({"a": "!!!"}, {"a": ["a dog"], "b": ["a cat"]}, "en")
+    assert (r.n_images, r.bleu1, r.bleu1_nobp) == (1, 0.0, 0.0)
+
+
+# --- table and baselines ----------------------------------------------------
+
+
+def test_format_table_marks_baselines_and_lists_signatures():
+    refs = {"a": ["a dog runs"], "b": ["a cat sits"]}
+    pack = corpus_bleu_scores({"a": "a dog runs", "b": "a cat runs"}, refs, "en", pack_version="1.0.0", bootstrap=20)
+    const = corpus_bleu_scores({"a": "a dog", "b": "a dog"}, refs, "en", pack_version="1.0.0")
+    zh = corpus_bleu_scores({"a": "一只狗"}, {"a": ["一只狗在跑"]}, "zh")
+    table = format_table([pack, zh], {"en": {"constant": const, "retrieval": const}})
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["lang", "system", "B1"] and "B4 95% CI" in lines[0]
+    assert [ln.split()[1:3] for ln in lines[1:4]] == [["pack", f"{pack.bleu1:.1f}"], ["baseline:", "constant"],
+                                                       ["baseline:", "retrieval"]]
+    assert lines[4].startswith("zh") and "chars" in lines[4]
+    sigs = [ln for ln in lines if ln.startswith("signature: ")]
+    assert sigs == [f"signature: {pack.signature}", f"signature: {zh.signature}"]
+    assert "pack:1.0.0" in pack.signature and "pack:none" in zh.signature
+
+
+def test_to_dict_round_trips_through_json():
+    import json
+
+    r = corpus_bleu_scores({"a": "a dog"}, {"a": ["a dog"]}, "en", bootstrap=5)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["bleu1"] == 100 and d["ci"]["bleu1"] == [100, 100]
+    assert BleuResult(**{**d, "ci": None}).signature == r.signature
+
+
+def test_most_frequent_caption():
+    assert most_frequent_caption(["a cat", "A dog.", "a dog.", "a cat", "b"]) == "a cat"  # tie: first seen
+    assert most_frequent_caption(["x", "A  dog", "a dog"]) == "A  dog"
+    with pytest.raises(CapkitError):
+        most_frequent_caption([])
+
+
+def test_nearest_neighbour_captions():
+    train = np.array([[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0]])
+    query = np.array([[3.0, 0.5], [0.1, 1.0], [-2.0, -1.5], [0.0, 0.0]])
+    caps = ["east", "north", "south-west"]
+    expected = ["east", "north", "south-west", "east"]  # an all-zero row ties everywhere: first
+    assert nearest_neighbour_captions(query, train, caps) == expected
+    # Blocks of one row give the same answer as one block.
+    assert nearest_neighbour_captions(query, train, caps, block_elems=1) == expected
+    assert nearest_neighbour_captions(np.zeros((0, 2)), train, caps) == []
+    with pytest.raises(CapkitError, match="do not match"):
+        nearest_neighbour_captions(np.zeros((2, 3)), train, caps)
+    with pytest.raises(CapkitError, match="training captions"):
+        nearest_neighbour_captions(query, train, caps[:2])
