@@ -1,0 +1,405 @@
+"""The `capkit` command: parse, call one library function, print.
+
+Heavy modules (TensorFlow above all) are imported inside the commands, so
+`capkit --help` stays instant. Every `CapkitError` ends here as a message
+and a hint on stderr with a non-zero exit; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from toolkit.errors import CapkitError
+
+app = typer.Typer(
+    help="Multilingual image captioning: build language packs from Flickr8k-style data, caption, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+packs_app = typer.Typer(help="Manage installed language packs.", no_args_is_help=True)
+app.add_typer(packs_app, name="packs")
+
+_state = {"debug": False}
+
+PacksDir = typer.Option(None, "--packs-dir", help="Where packs live (default: $CAPKIT_PACKS_DIR or ./lang_packs).")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")):
+    _state["debug"] = debug
+
+
+class _Progress:
+    """Turns library `Report` events into tqdm bars and warnings on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.bar = None
+        self.stage = None
+        self.quiet = quiet
+
+    def __call__(self, kind: str, **f) -> None:
+        if kind == "warning":
+            self._close()
+            typer.echo(f"warning: {f['message']}", err=True)
+        elif kind == "stage" and not self.quiet:
+            self._close()
+            typer.echo(f"[{f['name']}]", err=True)
+        elif kind == "progress" and not self.quiet:
+            from tqdm import tqdm
+
+            if self.stage != f["stage"] or self.bar is None:
+                self._close()
+                self.stage = f["stage"]
+                self.bar = tqdm(total=f["total"], desc=f["stage"], unit="img" if f["stage"] == "encode" else "cap",
+                                file=sys.stderr, leave=False, dynamic_ncols=True)
+            self.bar.update(f["done"] - self.bar.n)
+        elif kind == "epoch" and not self.quiet:
+            typer.echo(f"  epoch {f['epoch']:3d}  loss {f['loss']:.3f}  dev loss {f['val_loss']:.3f}  "
+                       f"lr {f['lr']:.2g}  {f['seconds']:.1f}s", err=True)
+        elif kind == "encoded" and not self.quiet:
+            typer.echo(f"  {f['extracted']} images encoded, {f['cached']} from cache, {f['seconds']:.1f}s", err=True)
+
+    def _close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _packs_dir(value):
+    from toolkit.config import packs_dir
+
+    return packs_dir(value)
+
+
+def _check_lang(lang: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]+)?", lang or ""):
+        raise CapkitError(f"{lang!r} is not a language code", hint="use an ISO 639-1 code such as en, zh, ar, tr")
+    return lang
+
+
+def _encoder_config(weights: str, image_size: int, batch_size: int):
+    from toolkit.config import EncoderConfig
+
+    return EncoderConfig(weights=weights, image_size=image_size, batch_size=batch_size)
+
+
+@app.command("build-pack")
+def build_pack(
+    lang: str = typer.Argument(..., help="Target language, ISO 639-1 (en, zh, ar, tr, ...)."),
+    captions: Path = typer.Option(..., "--captions", help="Caption file: Flickr8k.token.txt, Flickr8k-CN layout or Kaggle captions.txt."),
+    images: Path = typer.Option(..., "--images", help="Folder of the photos."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Folder with *train*, *dev* (and *test*) split files."),
+    train_split: Optional[Path] = typer.Option(None, "--train-split"),
+    dev_split: Optional[Path] = typer.Option(None, "--dev-split"),
+    test_split: Optional[Path] = typer.Option(None, "--test-split"),
+    source_lang: str = typer.Option("en", "--source-lang", help="Language of --captions; equal to LANG means no translation."),
+    translator: str = typer.Option("google", "--translator", help="google, mymemory, libre, deepl, microsoft, identity or file:PATH."),
+    translator_url: Optional[str] = typer.Option(None, "--translator-url", help="Server of the libre back end."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Translator key (or its environment variable); never stored."),
+    encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="imagenet, none (random, tests only) or a .weights.h5 path."),
+    image_size: int = typer.Option(299, "--image-size", help="Encoder input side (Xception: 299; at least 71)."),
+    packs_dir: Optional[Path] = PacksDir,
+    epochs: int = typer.Option(30, "--epochs", help="Most epochs; early stopping on dev loss ends sooner."),
+    vocab_size: int = typer.Option(2000, "--vocab-size", help="Tokenizer vocabulary (a cap; small corpora get less)."),
+    units: int = typer.Option(512, "--units", help="LSTM width."),
+    embed_dim: int = typer.Option(256, "--embed-dim"),
+    dropout: float = typer.Option(0.5, "--dropout"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Captions per training step."),
+    learning_rate: float = typer.Option(2e-3, "--learning-rate"),
+    patience: int = typer.Option(3, "--patience", help="Epochs without dev improvement before stopping."),
+    beam: int = typer.Option(3, "--beam", help="Beam width for the scores written into the pack."),
+    pack_version: str = typer.Option("1.0.0", "--pack-version"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
+    from toolkit.config import DecoderConfig, TrainConfig
+
+    _check_lang(lang)
+    _check_lang(source_lang)
+    if epochs < 1:
+        raise CapkitError(f"--epochs must be at least 1, not {epochs}")
+    if beam < 1:
+        raise CapkitError(f"--beam must be at least 1, not {beam}")
+    if splits:
+        from toolkit.pipeline import find_split_files
+
+        split_files = find_split_files(splits)
+    elif train_split and dev_split:
+        split_files = {"train": train_split, "dev": dev_split}
+        if test_split:
+            split_files["test"] = test_split
+    else:
+        raise CapkitError("give --splits DIR, or --train-split and --dev-split")
+    from toolkit.pipeline import Report, build_pack as run
+
+    options = {k: v for k, v in (("url", translator_url), ("api_key", api_key)) if v}
+    result = run(
+        lang, captions, images, split_files, _packs_dir(packs_dir),
+        source_lang=source_lang, translator=translator, translator_options=options,
+        encoder_config=_encoder_config(encoder_weights, image_size, 32),
+        decoder_config=DecoderConfig(vocab_size=vocab_size, units=units, embed_dim=embed_dim, dropout=dropout),
+        train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=patience, seed=seed),
+        pack_version=pack_version, beam=beam, report=Report(_Progress()),
+    )
+    m = result.manifest
+    typer.echo(f"pack {lang} written to {result.pack_dir} in {m['build_seconds']:.0f}s "
+               f"({m['data']['n_train_images']} train images, {m['training']['epochs_run']} epochs)")
+    from toolkit.evaluate import BleuResult, format_table
+
+    for split, systems in m["scores"].items():
+        rows = [_bleu_from_dict(systems["model"])]
+        base = {lang: {k: _bleu_from_dict(v) for k, v in systems.items() if k != "model"}}
+        typer.echo(f"\n{split} split (beam {systems['model'].get('beam')}):")
+        typer.echo(format_table(rows, base))
+
+
+def _bleu_from_dict(d: dict):
+    from dataclasses import fields
+
+    from toolkit.evaluate import BleuResult
+
+    names = {f.name for f in fields(BleuResult)}
+    kw = {k: v for k, v in d.items() if k in names}
+    if kw.get("ci"):
+        kw["ci"] = {k: tuple(v) for k, v in kw["ci"].items()}
+    return BleuResult(**kw)
+
+
+@app.command()
+def caption(
+    inputs: List[Path] = typer.Argument(..., help="Images or folders of images."),
+    lang: List[str] = typer.Option(..., "--lang", help="Pack language; repeat for several, or 'all'."),
+    beam: int = typer.Option(3, "--beam", help="Beam width; 1 is greedy."),
+    length_penalty: float = typer.Option(0.0, "--length-penalty", help="Divide beam scores by length**this."),
+    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", help="Forbid repeating any n-gram of this size."),
+    fmt: str = typer.Option("text", "--format", help="text or json."),
+    max_pixels: int = typer.Option(100_000_000, "--max-pixels", help="Refuse images with more pixels (decompression bombs)."),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Print one caption per image (and per language)."""
+    if fmt not in ("text", "json"):
+        raise CapkitError(f"--format must be text or json, not {fmt!r}")
+    for code in lang:
+        code == "all" or _check_lang(code)
+    from toolkit.pipeline import Report, caption_images
+
+    out = caption_images(inputs, lang, _packs_dir(packs_dir), beam=beam, length_penalty=length_penalty,
+                         no_repeat_ngram=no_repeat_ngram, max_pixels=max_pixels, report=Report(_Progress(quiet=True)))
+    if fmt == "json":
+        typer.echo(json.dumps(out.rows, ensure_ascii=False, indent=1))
+    else:
+        several = len({r["lang"] for r in out.rows}) > 1
+        for r in out.rows:
+            typer.echo(f"{r['image']}\t" + (f"{r['lang']}\t" if several else "") + r["caption"])
+    _fail_on_skipped(out.failures)
+
+
+def _fail_on_skipped(failures: dict) -> None:
+    if failures:
+        for msg in failures.values():
+            typer.echo(f"skipped: {msg}", err=True)
+        typer.echo(f"{len(failures)} image(s) skipped; the others are done", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    lang: List[str] = typer.Option(..., "--lang", help="Pack language; repeat for several, or 'all'."),
+    references: Optional[Path] = typer.Option(None, "--references", help="Reference captions (default: the pack's own references.txt)."),
+    images: Path = typer.Option(..., "--images", help="Folder of the photos."),
+    split: Path = typer.Option(..., "--split", help="File of the image names to score (e.g. the test split)."),
+    beam: int = typer.Option(3, "--beam"),
+    bootstrap: int = typer.Option(0, "--bootstrap", help="Resamples for 95% confidence intervals (e.g. 1000)."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Corpus BLEU-1..4 per language, beside constant-caption and retrieval baselines."""
+    if fmt not in ("table", "json"):
+        raise CapkitError(f"--format must be table or json, not {fmt!r}")
+    if beam < 1:
+        raise CapkitError(f"--beam must be at least 1, not {beam}")
+    for code in lang:
+        code == "all" or _check_lang(code)
+    from toolkit.evaluate import format_table
+    from toolkit.pipeline import Report, evaluate_packs
+
+    results = evaluate_packs(lang, _packs_dir(packs_dir), images, split, references, beam=beam, bootstrap=bootstrap,
+                             report=Report(_Progress(quiet=True)))
+    if fmt == "json":
+        typer.echo(json.dumps([{k: v for k, v in r.items() if k != "captions"} for r in results], ensure_ascii=False, indent=1))
+    else:
+        rows = [_bleu_from_dict(r) for r in results]
+        base = {r["lang"]: {k: _bleu_from_dict(v) for k, v in r["baselines"].items()} for r in results}
+        typer.echo(format_table(rows, base))
+
+
+@app.command()
+def translate(
+    captions: Path = typer.Option(..., "--captions", help="Caption file to translate."),
+    lang: str = typer.Option(..., "--lang", help="Target language."),
+    translator: str = typer.Option(..., "--translator", help="google, mymemory, libre, deepl, microsoft, identity or file:PATH."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the translations (Flickr8k token layout)."),
+    source_lang: str = typer.Option("en", "--source-lang"),
+    translator_url: Optional[str] = typer.Option(None, "--translator-url"),
+    api_key: Optional[str] = typer.Option(None, "--api-key"),
+    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight at once."),
+    rate_limit: Optional[float] = typer.Option(None, "--rate-limit", help="Most requests per second."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Write what succeeded even if some captions failed."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Translation cache (default: PACKS_DIR/.cache/translations.sqlite)."),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Run the translation stage alone; re-runs send only what is not cached."""
+    _check_lang(lang)
+    _check_lang(source_lang)
+    from toolkit.data import read_captions, write_captions
+    from toolkit.pipeline import CACHE_DIR, TRANSLATION_CACHE_FILE
+    from toolkit.translate import translate_captions, write_quality_report
+
+    src = read_captions(captions)
+    for p in src.problems[:20]:
+        typer.echo(f"warning: {p}", err=True)
+    progress = _Progress()
+    done, rep = translate_captions(
+        src.captions, source=source_lang, target=lang, translator=translator,
+        cache_path=cache or _packs_dir(packs_dir) / CACHE_DIR / TRANSLATION_CACHE_FILE,
+        url=translator_url, api_key=api_key, concurrency=concurrency, rate_limit=rate_limit,
+        allow_partial=allow_partial,
+        progress=lambda d: progress("progress", stage="translate", done=d["done"], total=d["total"]),
+    )
+    progress._close()
+    failed = set(rep.failed)
+    write_captions(out, [c for c in done if c.id not in failed])
+    write_quality_report(out.with_name(out.name + ".quality.json"), rep)
+    typer.echo(f"{rep.n_captions} captions ({rep.n_unique} unique): {rep.n_cached} cached, {rep.n_sent} sent in "
+               f"{rep.n_requests} requests, {len(rep.failed)} failed -> {out}")
+    if rep.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def encode(
+    images: List[Path] = typer.Option(..., "--images", help="Images or folders of images."),
+    encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="imagenet, none or a .weights.h5 path."),
+    image_size: int = typer.Option(299, "--image-size"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    max_pixels: int = typer.Option(100_000_000, "--max-pixels"),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Run feature extraction alone (into the shared cache) and report images/s."""
+    from toolkit.encoder import Encoder
+    from toolkit.images import list_images
+
+    paths = list_images(images)
+    if not paths:
+        raise CapkitError(f"no images found in {', '.join(map(str, images))}")
+    progress = _Progress()
+    enc = Encoder.prepare(_encoder_config(encoder_weights, image_size, batch_size), _packs_dir(packs_dir))
+    ex = enc.extract(paths, progress=lambda d, t: progress("progress", stage="encode", done=d, total=t), max_pixels=max_pixels)
+    progress._close()
+    typer.echo(f"encoder {enc.id}: {ex.n_extracted} images extracted in {ex.seconds:.1f}s "
+               f"({ex.images_per_second:.1f} images/s), {ex.n_cached} from cache, {len(ex.failures)} skipped")
+    _fail_on_skipped(ex.failures)
+
+
+@packs_app.command("list")
+def packs_list(packs_dir: Optional[Path] = PacksDir):
+    """Installed packs: language, version, size, BLEU, encoder, created."""
+    from toolkit.pack import installed_packs, load_manifest
+
+    pd = _packs_dir(packs_dir)
+    packs = installed_packs(pd)
+    if not packs:
+        typer.echo(f"no packs in {pd}")
+        return
+    typer.echo(f"{'lang':6} {'version':9} {'size':>8} {'BLEU-4':>7}  {'encoder':28} created")
+    for lang, folder in packs.items():
+        try:
+            m = load_manifest(folder)
+        except CapkitError as e:
+            typer.echo(f"{lang:6} BROKEN: {e.message}")
+            continue
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        s = m["scores"].get("test") or m["scores"].get("dev") or {}
+        b4 = f"{s['model']['bleu4']:.1f}" if s else "-"
+        typer.echo(f"{lang:6} {m['pack_version']:9} {size / 1e6:7.1f}M {b4:>7}  {m['encoder']['id']:28} {m['created']}")
+
+
+@packs_app.command("info")
+def packs_info(lang: str = typer.Argument(...), packs_dir: Optional[Path] = PacksDir):
+    """The whole manifest of a pack."""
+    from toolkit.pack import find_pack, load_manifest
+
+    typer.echo(json.dumps(load_manifest(find_pack(_packs_dir(packs_dir), lang)), indent=2, ensure_ascii=False))
+
+
+@packs_app.command("remove")
+def packs_remove(lang: str = typer.Argument(...), packs_dir: Optional[Path] = PacksDir):
+    """Delete an installed pack (the shared encoder stays)."""
+    import shutil
+
+    from toolkit.pack import find_pack
+
+    folder = find_pack(_packs_dir(packs_dir), lang)
+    shutil.rmtree(folder)
+    typer.echo(f"removed {folder}")
+
+
+@packs_app.command("verify")
+def packs_verify(lang: Optional[str] = typer.Argument(None), packs_dir: Optional[Path] = PacksDir):
+    """Check every pack file against the manifest's checksums, and that its encoder is present."""
+    from toolkit.encoder import ENCODER_FILE, ENCODERS_DIR
+    from toolkit.pack import find_pack, installed_packs, load_manifest, verify_files
+
+    pd = _packs_dir(packs_dir)
+    langs = [lang] if lang else list(installed_packs(pd))
+    bad = 0
+    for code in langs:
+        folder = find_pack(pd, code)
+        m = load_manifest(folder)
+        problems = [f"{name}: checksum mismatch or missing" for name in verify_files(folder, m)]
+        enc = pd / ENCODERS_DIR / m["encoder"]["id"] / ENCODER_FILE
+        if not enc.is_file():
+            problems.append(f"encoder {m['encoder']['id']} is not in {pd / ENCODERS_DIR}")
+        elif json.loads(enc.read_text()).get("digest") != m["encoder"]["digest"]:
+            problems.append(f"encoder {m['encoder']['id']} differs from the one the pack was trained with")
+        bad += bool(problems)
+        typer.echo(f"{code}: " + ("ok" if not problems else "; ".join(problems)))
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: run the app; turn user errors and Ctrl-C into messages and exit codes."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except CapkitError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e.message}", err=True)
+        if e.hint:
+            typer.echo(f"  hint: {e.hint}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: finished work (translations, features, checkpoints) is kept; "
+                   "run the same command to resume", err=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click's usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise

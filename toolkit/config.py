@@ -1,0 +1,63 @@
+"""Settings of every trainable stage, as plain dataclasses.
+
+CLI flags override fields; a pack's manifest stores them (`asdict`), so a pack
+alone rebuilds its model: `DecoderConfig(**manifest["decoder"])`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+PACKS_DIR_ENV = "CAPKIT_PACKS_DIR"
+DEFAULT_PACKS_DIR = "lang_packs"
+
+
+def packs_dir(override: str | Path | None = None) -> Path:
+    """Where packs live: `override`, else $CAPKIT_PACKS_DIR, else ./lang_packs."""
+    return Path(override or os.environ.get(PACKS_DIR_ENV) or DEFAULT_PACKS_DIR)
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "xception"      # the only backbone today; part of the encoder's identity
+    image_size: int = 299       # square input side; Xception's own is 299, tests use 71 (its minimum)
+    weights: str = "imagenet"   # "imagenet" (Keras download), "none" (random init, tests/demo) or a .weights.h5 path
+    batch_size: int = 32        # images per forward pass
+    workers: int = 4            # threads decoding and resizing images ahead of the model
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 2000      # SentencePiece vocabulary; a soft cap, shrunk for small corpora
+    feature_dim: int = 2048     # encoder output width (global-average-pooled Xception)
+    embed_dim: int = 256        # token embedding width
+    units: int = 512            # LSTM state width
+    dropout: float = 0.5        # on the embedding and the LSTM output; small data overfits fast
+    max_length: int = 40        # longest caption in tokens (incl. end); longer captions are cut at training
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30            # upper bound; early stopping on dev loss usually ends sooner
+    batch_size: int = 64        # captions per step
+    learning_rate: float = 2e-3 # Adam; halved when dev loss stalls
+    patience: int = 3           # epochs without dev-loss improvement before stopping
+    seed: int = 0               # shuffling and initialisation
+    label_smoothing: float = 0.0  # on the token cross-entropy
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a config from a manifest section; unknown or missing keys are errors."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    missing = names - set(data)
+    if unknown or missing:
+        from toolkit.errors import CapkitError
+
+        raise CapkitError(
+            f"{cls.__name__} in manifest does not match this toolkit: "
+            f"unknown {sorted(unknown)}, missing {sorted(missing)}"
+        )
+    return cls(**data)

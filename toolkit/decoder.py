@@ -1,0 +1,210 @@
+"""The per-language LSTM decoder and its training.
+
+The image enters as the LSTM's initial state (normalised features -> Dense ->
+h0, c0), tokens by teacher forcing over whole captions, loss masked on
+padding. Feature normalisation is a Keras `Normalization` layer adapted on
+the train split, so its statistics travel inside the decoder weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from toolkit.config import DecoderConfig, TrainConfig
+from toolkit.errors import CapkitError
+from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+CHECKPOINT_STATE_FILE = "state.json"
+CHECKPOINT_LAST_FILE = "last.weights.h5"
+CHECKPOINT_BEST_FILE = "best.weights.h5"
+
+
+class CaptionDecoder(keras.Model):
+    """features (n, 2048) + tokens (n, t) -> next-token logits (n, t, vocab).
+
+    Inference goes through `initial_state` and `step`, one token per image per
+    call, carrying (h, c); see `toolkit.generate`.
+    """
+
+    def __init__(self, config: DecoderConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        c = config
+        self.norm = keras.layers.Normalization(axis=-1)
+        self.feat_drop = keras.layers.Dropout(c.dropout)
+        self.init_h = keras.layers.Dense(c.units, activation="tanh")
+        self.init_c = keras.layers.Dense(c.units, activation="tanh")
+        self.embed = keras.layers.Embedding(c.vocab_size, c.embed_dim, mask_zero=True)
+        self.emb_drop = keras.layers.Dropout(c.dropout)
+        self.lstm = keras.layers.LSTM(c.units, return_sequences=True, return_state=True)
+        self.out_drop = keras.layers.Dropout(c.dropout)
+        self.head = keras.layers.Dense(c.vocab_size)
+
+    def initial_state(self, features, training=False):
+        x = self.feat_drop(self.norm(features), training=training)
+        return self.init_h(x), self.init_c(x)
+
+    def call(self, inputs, training=False):
+        features, tokens = inputs
+        h, c = self.initial_state(features, training)
+        x = self.emb_drop(self.embed(tokens), training=training)
+        y, _, _ = self.lstm(x, initial_state=[h, c], mask=tokens != PAD_ID, training=training)
+        return self.head(self.out_drop(y, training=training))
+
+    def step(self, tokens, h, c):
+        """One token per row -> (log-probabilities of the next token, h, c)."""
+        x = self.embed(tokens[:, None])
+        y, h, c = self.lstm(x, initial_state=[h, c])
+        return tf.nn.log_softmax(self.head(y[:, 0])), h, c
+
+    def build_all(self, feature_dim: int) -> "CaptionDecoder":
+        """Create every weight (needed before load_weights)."""
+        if not self.norm.built:
+            self.norm.build((None, feature_dim))
+        self((np.zeros((1, feature_dim), np.float32), np.full((1, 2), BOS_ID, np.int32)))
+        return self
+
+
+def load_decoder(config: DecoderConfig, weights: Path) -> CaptionDecoder:
+    """Rebuild the architecture from plain settings, then load weights only (no deserialised code)."""
+    model = CaptionDecoder(config).build_all(config.feature_dim)
+    try:
+        model.load_weights(weights)
+    except Exception as e:
+        raise CapkitError(f"{weights}: decoder weights do not fit the manifest's architecture ({str(e)[:200]})") from None
+    return model
+
+
+@dataclass
+class Sequences:
+    """Captions as token ids, each tied to a row of a feature matrix."""
+
+    image_index: np.ndarray  # (n,) int32, row in the features
+    tokens: list[list[int]]  # ids without BOS/EOS
+
+    def arrays(self, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image_index, inputs, targets): inputs BOS+ids, targets ids+EOS, 0-padded, cut to max_length."""
+        n = len(self.tokens)
+        inp = np.zeros((n, max_length), np.int32)
+        tgt = np.zeros((n, max_length), np.int32)
+        for i, ids in enumerate(self.tokens):
+            ids = ids[: max_length - 1]
+            inp[i, : len(ids) + 1] = [BOS_ID, *ids]
+            tgt[i, : len(ids) + 1] = [*ids, EOS_ID]
+        return self.image_index.astype(np.int32), inp, tgt
+
+
+def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int):
+    idx, inp, tgt = seqs.arrays(cfg.max_length)
+    feats = tf.constant(features, tf.float32)
+    ds = tf.data.Dataset.from_tensor_slices((idx, inp, tgt))
+    if shuffle:
+        ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
+
+    def assemble(i, x, y):
+        # Pad by batch: cut the columns no caption of this batch reaches.
+        t = tf.reduce_max(tf.reduce_sum(tf.cast(x != PAD_ID, tf.int32), axis=1))
+        return (tf.gather(feats, i), x[:, :t]), y[:, :t]
+
+    return ds.batch(batch).map(assemble, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+class _Checkpoints(keras.callbacks.Callback):
+    """Best weights for early stopping, last weights + state each epoch for resuming."""
+
+    def __init__(self, folder: Path, state: dict, patience: int, progress):
+        super().__init__()
+        self.folder, self.state, self.patience, self.progress = folder, state, patience, progress
+
+    def on_epoch_end(self, epoch, logs=None):
+        from toolkit.pack import atomic_write_text
+
+        logs = logs or {}
+        s = self.state
+        val = float(logs.get("val_loss", logs.get("loss")))
+        s["history"].append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_loss": val,
+                             "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+                             "seconds": time.perf_counter() - s.pop("_t0", time.perf_counter())})
+        if val < s["best_val_loss"]:
+            s.update(best_val_loss=val, best_epoch=epoch + 1, wait=0)
+            _save_weights(self.model, self.folder / CHECKPOINT_BEST_FILE)
+        else:
+            s["wait"] += 1
+            # Halve the learning rate when dev loss stalls.
+            lr = self.model.optimizer.learning_rate
+            lr.assign(lr * 0.5)
+        s["epoch"] = epoch + 1
+        s["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        _save_weights(self.model, self.folder / CHECKPOINT_LAST_FILE)
+        atomic_write_text(self.folder / CHECKPOINT_STATE_FILE, json.dumps(s, indent=1))
+        if self.progress:
+            self.progress(dict(s["history"][-1], best_epoch=s["best_epoch"]))
+        if s["wait"] >= self.patience:
+            self.model.stop_training = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.state["_t0"] = time.perf_counter()
+
+
+def _save_weights(model, path: Path) -> None:
+    tmp = path.with_name(path.name.replace(".weights.h5", ".tmp.weights.h5"))
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def train_decoder(
+    train_features: np.ndarray,
+    train: Sequences,
+    dev_features: np.ndarray,
+    dev: Sequences,
+    config: DecoderConfig,
+    train_config: TrainConfig,
+    checkpoint_dir: Path,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[CaptionDecoder, dict]:
+    """Train with teacher forcing and early stopping on dev loss; returns the best model and the run's state.
+
+    `checkpoint_dir` keeps the last and best weights and the epoch reached; a
+    call with the same folder resumes (optimizer moments start afresh).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(train_config.seed)
+    model = CaptionDecoder(config)
+    model.norm.adapt(train_features)  # statistics of the train split, stored with the weights
+    model.build_all(config.feature_dim)
+
+    state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
+    state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
+             "lr": train_config.learning_rate, "history": []}
+    if state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists():
+        state = json.loads(state_path.read_text())
+        model.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
+    model.compile(
+        optimizer=keras.optimizers.Adam(state["lr"], clipnorm=5.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
+    )
+    done = state["epoch"] >= train_config.epochs or state["wait"] >= train_config.patience
+    if not done:
+        model.fit(
+            _dataset(train_features, train, config, train_config.batch_size, True, train_config.seed),
+            validation_data=_dataset(dev_features, dev, config, 256, False, 0) if len(dev.tokens) else None,
+            epochs=train_config.epochs,
+            initial_epoch=state["epoch"],
+            callbacks=[_Checkpoints(checkpoint_dir, state, train_config.patience, progress)],
+            verbose=0,
+        )
+    if (checkpoint_dir / CHECKPOINT_BEST_FILE).exists():
+        model.load_weights(checkpoint_dir / CHECKPOINT_BEST_FILE)
+    return model, state

@@ -1,0 +1,370 @@
+"""The shared Xception encoder and its on-disk feature cache.
+
+One encoder serves every pack. Its identity is a digest of its weights and
+input size, so packs can insist on the exact encoder they were trained with.
+Encoders live in `<packs dir>/.encoders/<id>/`; features are cached there,
+keyed by image content (sha256 of the file's bytes), so a second language on
+the same photos extracts nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from toolkit.config import EncoderConfig
+from toolkit.errors import CapkitError
+from toolkit.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+
+ENCODERS_DIR = ".encoders"
+ENCODER_FILE = "encoder.json"
+ENCODER_WEIGHTS_FILE = "encoder.weights.h5"
+FEATURES_FILE = "features.f16"
+FEATURES_INDEX_FILE = "features.idx"
+ENCODER_FORMAT = "capkit-encoder v1"
+FEATURE_DIM = 2048
+RANDOM_INIT_SEED = 1234
+
+
+def image_key(data: bytes) -> str:
+    """Cache key of an image: its content, not its name (renames and copies still hit)."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+class FeatureCache:
+    """Append-only float16 feature rows with a key index, read memory-mapped.
+
+    Rows are written first and their keys after, both flushed to disk, so a
+    crash or a full disk leaves at worst unindexed bytes, which the next
+    writer cuts off. `get` returns float32 rows divided by `scale`.
+    """
+
+    def __init__(self, root: Path, dim: int, scale: float = 1.0):
+        self.root, self.dim, self.scale = Path(root), dim, scale
+        self.rows = self.root / FEATURES_FILE
+        self.index = self.root / FEATURES_INDEX_FILE
+        self._keys: dict[str, int] = {}
+        self._mmap = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        keys: list[str] = []
+        if self.index.exists():
+            text = self.index.read_text(encoding="ascii", errors="replace")
+            keys = [k for k in text.split("\n")[:-1] if k]  # a last line without "\n" was cut short
+        n_rows = self.rows.stat().st_size // (2 * self.dim) if self.rows.exists() else 0
+        keys = keys[:n_rows]
+        self._keys = {k: i for i, k in enumerate(keys)}
+        self._n = len(keys)
+        self._mmap = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return self._n
+
+    def get(self, keys: list[str]) -> np.ndarray:
+        if self._mmap is None and self._n:
+            self._mmap = np.memmap(self.rows, dtype=np.float16, mode="r", shape=(self._n, self.dim))
+        idx = [self._keys[k] for k in keys]
+        if not idx:
+            return np.zeros((0, self.dim), np.float32)
+        return np.asarray(self._mmap[idx], dtype=np.float32) / self.scale
+
+    def add(self, keys: list[str], feats: np.ndarray) -> None:
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        rows = np.asarray(feats * self.scale, dtype=np.float16)
+        if not np.isfinite(rows).all():
+            raise CapkitError("encoder features overflow float16; the encoder's feature scale is wrong")
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may extract into one cache
+            self.refresh()
+            good = self._n * 2 * self.dim
+            try:
+                with open(self.rows, "ab") as f:
+                    f.truncate(good)  # drop bytes a crashed writer left unindexed
+                    f.write(rows.tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
+                with open(self.index, "a", encoding="ascii") as f:
+                    f.write("".join(k + "\n" for k in keys))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                with open(self.rows, "ab") as f:
+                    f.truncate(good)
+                self.refresh()
+                raise CapkitError(
+                    f"{self.root}: cannot write features ({e.strerror or e}); the {self._n} already cached are kept",
+                    hint="free some disk space and run the same command again; it resumes",
+                ) from None
+            self.refresh()
+
+
+@dataclass
+class Extraction:
+    """What `Encoder.extract` did: image path -> cache key, and the failures."""
+
+    keys: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    n_extracted: int = 0
+    n_cached: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_extracted / self.seconds if self.seconds > 0 else 0.0
+
+
+class Encoder:
+    """Xception (no top, average-pooled) with an identity and a feature cache.
+
+    >>> enc = Encoder.prepare(EncoderConfig(weights="none", image_size=71), Path("packs"))
+    >>> ex = enc.extract(["a.jpg", "b.png"]); feats = enc.features([ex.keys["a.jpg"]])
+    """
+
+    def __init__(self, model, config: EncoderConfig, identity: dict, home: Path | None):
+        self.model = model
+        self.config = config
+        self.identity = identity
+        self.id: str = identity["id"]
+        self.home = home
+        scale = identity["feature_scale"]
+        self.cache = FeatureCache(home / "features", FEATURE_DIM, scale) if home else None
+        self._memory: dict[str, np.ndarray] = {}  # features when the cache is not writable
+        self._forward = None
+
+    # -- identity and storage -------------------------------------------------
+
+    @classmethod
+    def prepare(cls, config: EncoderConfig, packs_dir: Path, progress: Callable[[str], None] | None = None) -> "Encoder":
+        """Build the encoder `config.weights` names and register it in `packs_dir`."""
+        model = _build(config, config.weights)
+        identity = _identity(model, config)
+        home = Path(packs_dir) / ENCODERS_DIR / identity["id"]
+        if not (home / ENCODER_FILE).exists():
+            from toolkit.pack import atomic_write_text
+
+            home.mkdir(parents=True, exist_ok=True)
+            if identity["source"] != "none":  # random init is rebuilt from its seed
+                tmp = home / (ENCODER_WEIGHTS_FILE + ".tmp.weights.h5")
+                model.save_weights(tmp)
+                os.replace(tmp, home / ENCODER_WEIGHTS_FILE)
+            atomic_write_text(home / ENCODER_FILE, json.dumps(identity, indent=2))
+        return cls(model, config, identity, home)
+
+    @classmethod
+    def load(cls, packs_dir: Path, encoder_id: str) -> "Encoder":
+        """Inverse of prepare(): the registered encoder `encoder_id`, digest checked."""
+        home = Path(packs_dir) / ENCODERS_DIR / encoder_id
+        path = home / ENCODER_FILE
+        if not path.exists():
+            have = sorted(p.name for p in (Path(packs_dir) / ENCODERS_DIR).glob("*") if p.is_dir())
+            raise CapkitError(
+                f"encoder {encoder_id} is not in {Path(packs_dir) / ENCODERS_DIR}",
+                hint=f"encoders here: {', '.join(have) or 'none'}; rebuild the pack or copy that encoder folder",
+            )
+        identity = json.loads(path.read_text())
+        if identity.get("format") != ENCODER_FORMAT:
+            raise CapkitError(f"{path}: format {identity.get('format')!r}, this toolkit reads {ENCODER_FORMAT!r}")
+        config = EncoderConfig(name=identity["name"], image_size=identity["image_size"], weights=identity["source"])
+        source = "none" if identity["source"] == "none" else str(home / ENCODER_WEIGHTS_FILE)
+        model = _build(config, source)
+        if _digest(model) != identity["digest"]:
+            raise CapkitError(f"{home}: encoder weights do not match their recorded digest", hint="the folder is damaged; rebuild it")
+        return cls(model, config, identity, home)
+
+    # -- extraction -----------------------------------------------------------
+
+    def extract(
+        self,
+        paths: list[str | Path],
+        progress: Callable[[int, int], None] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Extraction:
+        """Features of every readable image in `paths`, cached; bad files are reported, not fatal.
+
+        Worker threads read, hash, decode and resize images ahead of the model
+        (Pillow releases the GIL while decoding), so the forward pass is rarely
+        waiting; batches are padded to one shape so the graph is traced once.
+        """
+        out = Extraction()
+        paths = [str(p) for p in paths]
+        start = time.perf_counter()
+        bs = self.config.batch_size
+        batch_keys: list[str] = []
+        batch_imgs: list[np.ndarray] = []
+        pending: set[str] = set()
+
+        def work(p: str):
+            try:
+                data = Path(p).read_bytes()
+            except OSError as e:
+                return p, None, ImageError(f"{p}: cannot read ({e.strerror or e})")
+            key = image_key(data)
+            if self._has(key):
+                return p, key, None
+            try:
+                return p, key, decode_image(data, self.config.image_size, p, max_pixels)
+            except ImageError as e:
+                return p, None, e
+
+        def flush():
+            if batch_imgs:
+                feats = self._encode_batch(np.stack(batch_imgs))
+                self._store(list(batch_keys), feats)
+                out.n_extracted += len(batch_keys)
+                pending.difference_update(batch_keys)
+                batch_keys.clear()
+                batch_imgs.clear()
+
+        done = 0
+        with ThreadPoolExecutor(max(1, self.config.workers)) as pool:
+            window: deque = deque()
+            it = iter(paths)
+            for p in it:
+                window.append(pool.submit(work, p))
+                if len(window) >= 2 * bs:
+                    break
+            while window:
+                p, key, result = window.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    window.append(pool.submit(work, nxt))
+                if isinstance(result, ImageError):
+                    out.failures[p] = result.message
+                elif result is None or key in pending:
+                    out.keys[p] = key
+                    out.n_cached += result is None
+                else:
+                    out.keys[p] = key
+                    pending.add(key)
+                    batch_keys.append(key)
+                    batch_imgs.append(result)
+                    if len(batch_imgs) == bs:
+                        flush()
+                done += 1
+                if progress:
+                    progress(done, len(paths))
+            flush()
+        out.seconds = time.perf_counter() - start
+        return out
+
+    def features(self, keys: list[str]) -> np.ndarray:
+        """(n, 2048) float32 features of cached images, in `keys` order."""
+        if self._memory:
+            return np.stack([self._memory[k] if k in self._memory else self.cache.get([k])[0] for k in keys]) if keys else np.zeros((0, FEATURE_DIM), np.float32)
+        return self.cache.get(keys)
+
+    def encode_arrays(self, images: np.ndarray) -> np.ndarray:
+        """Features of in-memory uint8 images (n, s, s, 3); no cache involved."""
+        bs = self.config.batch_size
+        return np.concatenate([self._encode_batch(images[i : i + bs]) for i in range(0, len(images), bs)]) if len(images) else np.zeros((0, FEATURE_DIM), np.float32)
+
+    def _has(self, key: str) -> bool:
+        return key in self._memory or (self.cache is not None and key in self.cache)
+
+    def _store(self, keys: list[str], feats: np.ndarray) -> None:
+        if self.cache is not None:
+            try:
+                self.cache.add(keys, feats)
+                return
+            except PermissionError:
+                pass
+            except CapkitError as e:
+                if "Permission denied" not in e.message and "Read-only" not in e.message:
+                    raise
+        # The packs dir is read-only (a shared install): keep features for this run only.
+        for k, f in zip(keys, feats):
+            self._memory[k] = f
+
+    def _encode_batch(self, images: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        if self._forward is None:
+            model = self.model
+
+            @tf.function(reduce_retracing=True)
+            def forward(x):
+                x = tf.cast(x, tf.float32) / 127.5 - 1.0  # keras.applications.xception.preprocess_input
+                return model(x, training=False)
+
+            self._forward = forward
+        n = len(images)
+        bs = self.config.batch_size
+        if n < bs:  # one input shape, one trace
+            images = np.concatenate([images, np.zeros((bs - n, *images.shape[1:]), images.dtype)])
+        return self._forward(images).numpy()[:n]
+
+
+def _build(config: EncoderConfig, weights: str):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    if config.name != "xception":
+        raise CapkitError(f"unknown encoder {config.name!r}", hint="capkit has one encoder: xception")
+    shape = (config.image_size, config.image_size, 3)
+    if config.image_size < 71:
+        raise CapkitError(f"image size {config.image_size} is below Xception's minimum of 71")
+    if weights == "imagenet":
+        try:
+            return keras.applications.Xception(include_top=False, weights="imagenet", input_shape=shape, pooling="avg")
+        except Exception as e:  # the download is the only thing that fails here: say how to work offline
+            raise CapkitError(
+                f"cannot download the ImageNet Xception weights ({type(e).__name__}: {str(e)[:200]})",
+                hint="on an offline machine, write them to a file (../shared/tools/xception-imagenet-weights OUT) "
+                "and pass --encoder-weights OUT",
+            ) from None
+    if weights == "none":
+        keras.utils.set_random_seed(RANDOM_INIT_SEED)
+    model = keras.applications.Xception(include_top=False, weights=None, input_shape=shape, pooling="avg")
+    if weights not in ("none", ""):
+        path = Path(weights)
+        if not path.is_file():
+            raise CapkitError(f"{path}: no such weights file", hint="--encoder-weights takes imagenet, none or a .weights.h5 path")
+        try:
+            model.load_weights(path)
+        except Exception as e:
+            raise CapkitError(f"{path}: not Xception (no top) weights ({str(e)[:200]})") from None
+    return model
+
+
+def _digest(model) -> str:
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(np.ascontiguousarray(w.numpy(), dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _identity(model, config: EncoderConfig) -> dict:
+    digest = _digest(model)
+    source = config.weights if config.weights in ("imagenet", "none") else "file"
+    # A power of two that brings a noise image's largest feature near 1: random-init
+    # features (~1e-5) would otherwise vanish in float16; exact to undo.
+    noise = np.random.default_rng(0).uniform(-1, 1, (1, config.image_size, config.image_size, 3)).astype(np.float32)
+    peak = float(np.abs(model(noise, training=False).numpy()).max()) or 1.0
+    scale = 2.0 ** -round(math.log2(peak))
+    return {
+        "format": ENCODER_FORMAT,
+        "id": f"{config.name}-{config.image_size}-{digest[:12]}",
+        "name": config.name,
+        "image_size": config.image_size,
+        "source": source,
+        "digest": digest,
+        "feature_dim": FEATURE_DIM,
+        "feature_scale": scale,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,521 @@
+"""The three user jobs, each one function: build a pack, caption images, evaluate packs.
+
+Stages live in their own modules; this file wires them in order and keeps
+what each finished (translations, features, checkpoints) on disk so that an
+interrupted build resumes. Progress and warnings go to `report`, never print.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from toolkit import __version__
+from toolkit.config import DecoderConfig, EncoderConfig, TrainConfig, from_dict
+from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
+from toolkit.errors import CapkitError
+from toolkit.pack import (
+    CAPTIONS_FILE, DECODER_WEIGHTS_FILE, FORMAT_VERSION, HISTORY_FILE, MANIFEST_FILE, MODEL_CARD_FILE,
+    PACK_FORMAT, REFERENCES_FILE, TOKENIZER_FILE, atomic_write_text, file_sha256, find_pack, install_dir,
+    installed_packs, load_manifest, validate_manifest,
+)
+
+WORK_DIR = ".work"          # per-build checkpoints, removed once the pack is installed
+CACHE_DIR = ".cache"        # translation cache shared by all builds
+TRANSLATION_CACHE_FILE = "translations.sqlite"
+
+
+class Report:
+    """How library code tells the caller what happens: `event(kind, **fields)`.
+
+    Kinds: "stage" (name), "progress" (stage, done, total), "warning" (message),
+    "epoch" (epoch, loss, val_loss, ...). The CLI renders them; tests record them.
+    """
+
+    def __init__(self, callback: Callable[..., None] | None = None):
+        self.callback = callback
+        self.warnings: list[str] = []
+
+    def __call__(self, kind: str, **fields) -> None:
+        if kind == "warning":
+            self.warnings.append(fields["message"])
+        if self.callback:
+            self.callback(kind, **fields)
+
+
+def find_split_files(splits_dir: Path) -> dict[str, Path]:
+    """train/dev/test split files in a folder, by name: Flickr_8k.trainImages.txt, *dev*/*val*, *test*."""
+    splits_dir = Path(splits_dir)
+    if not splits_dir.is_dir():
+        raise CapkitError(f"{splits_dir}: not a folder", hint="--splits takes the folder holding the split files")
+    found: dict[str, Path] = {}
+    for p in sorted(splits_dir.glob("*.txt")):
+        name = p.name.lower()
+        for split, words in (("train", ("train",)), ("dev", ("dev", "val")), ("test", ("test",))):
+            if any(w in name for w in words) and split not in found:
+                found[split] = p
+    if "train" not in found or "dev" not in found:
+        raise CapkitError(
+            f"{splits_dir}: no train and dev split files found (have: {', '.join(p.name for p in splits_dir.glob('*.txt')) or 'none'})",
+            hint="name them *train*.txt and *dev*.txt, or pass --train-split and --dev-split",
+        )
+    return found
+
+
+@dataclass
+class BuildResult:
+    pack_dir: Path
+    manifest: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_pack(
+    lang: str,
+    captions_path: Path,
+    images_dir: Path,
+    split_files: dict[str, Path],
+    packs_dir: Path,
+    *,
+    source_lang: str = "en",
+    translator: str = "google",
+    translator_options: dict | None = None,
+    encoder_config: EncoderConfig | None = None,
+    decoder_config: DecoderConfig | None = None,
+    train_config: TrainConfig | None = None,
+    pack_version: str = "1.0.0",
+    beam: int = 3,
+    report: Report | None = None,
+) -> BuildResult:
+    """Every stage, in order: read, translate, encode, tokenize, train, score, write `packs_dir/lang/`."""
+    report = report or Report()
+    enc_cfg = encoder_config or EncoderConfig()
+    dec_cfg = decoder_config or DecoderConfig()
+    tr_cfg = train_config or TrainConfig()
+    packs_dir = Path(packs_dir)
+    images_dir = Path(images_dir)
+    started = time.perf_counter()
+    _check_writable(packs_dir)
+
+    # 1. Data: captions, splits, images present.
+    report("stage", name="read")
+    source = read_captions(captions_path)
+    for p in source.problems[:20]:
+        report("warning", message=p)
+    if len(source.problems) > 20:
+        report("warning", message=f"{captions_path}: {len(source.problems) - 20} more problems not shown")
+    splits = {k: read_split(v) for k, v in split_files.items()}
+    for w in check_splits({str(split_files[k]): v for k, v in splits.items()}, source):
+        report("warning", message=w)
+    by_image_src = {}
+    for c in source.captions:
+        by_image_src.setdefault(c.image, []).append(c)
+    if not images_dir.is_dir():
+        raise CapkitError(f"{images_dir}: not a folder of images")
+    present: dict[str, list[str]] = {}
+    missing = 0
+    for split, names in splits.items():
+        have = [n for n in names if n in by_image_src and (images_dir / n).is_file()]
+        missing += sum(1 for n in names if n in by_image_src and not (images_dir / n).is_file())
+        present[split] = have
+    if missing:
+        report("warning", message=f"{missing} images named in the splits are not in {images_dir}; they are skipped")
+    if not present.get("train"):
+        raise CapkitError(
+            f"no train image of {split_files['train']} is both captioned in {captions_path} and present in {images_dir}",
+            hint="check that --images points at the photos and --captions at their caption file",
+        )
+    used = [c for s in present.values() for n in s for c in by_image_src[n]]
+
+    # 2. Translation (cached; nothing is sent twice).
+    report("stage", name="translate")
+    if source_lang == lang or translator == "identity":
+        translated, translator_used = used, "none (captions already in the target language)"
+    else:
+        from toolkit.translate import translate_captions
+
+        translated, trep = translate_captions(
+            used, source=source_lang, target=lang, translator=translator,
+            cache_path=packs_dir / CACHE_DIR / TRANSLATION_CACHE_FILE,
+            progress=lambda d: report("progress", stage="translate", done=d["done"], total=d["total"]),
+            **(translator_options or {}),
+        )
+        translator_used = translator
+        for k in ("empty", "identical", "ratio_outliers"):
+            items = (trep.quality or {}).get(k)
+            if items:
+                report("warning", message=f"translation quality: {len(items) if hasattr(items, '__len__') else items} {k.replace('_', ' ')}")
+    texts = group_by_image(translated)
+
+    # 3. Features (shared encoder, cache keyed by image content).
+    report("stage", name="encode")
+    from toolkit.encoder import Encoder
+
+    encoder = Encoder.prepare(enc_cfg, packs_dir)
+    if encoder.identity["source"] == "none":
+        report("warning", message="encoder has RANDOM weights (--encoder-weights none): fine for tests and the demo, useless for real photos")
+    all_names = [n for s in present.values() for n in s]
+    ex = encoder.extract([images_dir / n for n in all_names],
+                         progress=lambda d, t: report("progress", stage="encode", done=d, total=t))
+    for path, msg in ex.failures.items():
+        report("warning", message=msg)
+    report("encoded", extracted=ex.n_extracted, cached=ex.n_cached, seconds=ex.seconds)
+    key_of = {n: ex.keys[str(images_dir / n)] for n in all_names if str(images_dir / n) in ex.keys}
+    present = {s: [n for n in names if n in key_of] for s, names in present.items()}
+    if not present["train"]:
+        raise CapkitError("no train image could be read", hint="see the warnings above")
+
+    # 4. Tokenizer on the train split only.
+    report("stage", name="tokenize")
+    from toolkit.tokenizer import BOS_ID, EOS_ID, train_tokenizer
+
+    train_texts = [t for n in present["train"] for t in texts[n]]
+    tokenizer = train_tokenizer(train_texts, lang, dec_cfg.vocab_size)
+    dec_cfg.vocab_size = tokenizer.vocab_size
+
+    # 5. Decoder, resumable from its checkpoints.
+    report("stage", name="train")
+    from toolkit.decoder import Sequences, train_decoder
+
+    def sequences(split):
+        names = present.get(split, [])
+        idx, toks = [], []
+        for i, n in enumerate(names):
+            enc = tokenizer.encode(texts[n])
+            idx += [i] * len(enc)
+            toks += enc
+        return encoder.features([key_of[n] for n in names]), Sequences(np.array(idx, np.int32), toks)
+
+    train_f, train_s = sequences("train")
+    dev_f, dev_s = sequences("dev")
+    run_key = hashlib.sha256(json.dumps(
+        [lang, asdict(dec_cfg), asdict(tr_cfg), encoder.id, sorted(present["train"]), train_texts[:50]], sort_keys=True
+    ).encode()).hexdigest()[:12]
+    work = packs_dir / WORK_DIR / f"{lang}-{run_key}"
+    t0 = time.perf_counter()
+    model, state = train_decoder(train_f, train_s, dev_f, dev_s, dec_cfg, tr_cfg, work,
+                                 progress=lambda e: report("epoch", **e))
+    train_seconds = sum(h.get("seconds", 0) for h in state["history"]) or time.perf_counter() - t0
+
+    # 6. Scores on dev (and test), with the reference points beside them.
+    report("stage", name="score")
+    from toolkit.generate import KerasStepModel, beam_search
+
+    step = KerasStepModel(model)
+    scores = {}
+    for split in ("dev", "test"):
+        names = present.get(split) or []
+        if not names:
+            continue
+        feats = encoder.features([key_of[n] for n in names])
+        ids = beam_search(step, feats, BOS_ID, EOS_ID, beam=beam, max_length=dec_cfg.max_length)
+        hyps = dict(zip(names, tokenizer.decode(ids)))
+        refs = {n: texts[n] for n in names}
+        scores[split] = _score_with_baselines(hyps, refs, lang, feats, train_f, present["train"], texts, pack_version, beam)
+
+    # 7. The pack, written whole in a staging folder and swapped in.
+    report("stage", name="write")
+    staging = packs_dir / f".staging-{lang}-{run_key}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    tokenizer.save(staging / TOKENIZER_FILE)
+    tmp = staging / "decoder.tmp.weights.h5"
+    model.save_weights(tmp)
+    tmp.rename(staging / DECODER_WEIGHTS_FILE)
+    write_captions(staging / CAPTIONS_FILE, [c for c in translated if c.image in set(present["train"])])
+    eval_names = set(present.get("dev", [])) | set(present.get("test", []))
+    write_captions(staging / REFERENCES_FILE, [c for c in translated if c.image in eval_names])
+    atomic_write_text(staging / HISTORY_FILE, json.dumps(state["history"], indent=1))
+    manifest = {
+        "format": PACK_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lang": lang,
+        "name": f"capkit-{lang}",
+        "pack_version": pack_version,
+        "toolkit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "encoder": {k: encoder.identity[k] for k in ("id", "name", "image_size", "digest", "source")},
+        "tokenizer": {"file": TOKENIZER_FILE, "type": "sentencepiece-unigram", "vocab_size": tokenizer.vocab_size},
+        "decoder": asdict(dec_cfg),
+        "train": asdict(tr_cfg),
+        "data": {
+            "captions": Path(captions_path).name,
+            "captions_sha256": file_sha256(Path(captions_path)),
+            "source_lang": source_lang,
+            "translator": translator_used,
+            "splits": {k: Path(v).name for k, v in split_files.items()},
+            "n_train_images": len(present["train"]),
+            "n_dev_images": len(present.get("dev", [])),
+            "n_test_images": len(present.get("test", [])),
+            "n_train_captions": len(train_texts),
+            "n_missing_images": missing,
+            "n_unreadable_images": len(ex.failures),
+        },
+        "training": {
+            "epochs_run": state["epoch"],
+            "best_epoch": state["best_epoch"],
+            "best_dev_loss": state["best_val_loss"],
+            "seconds": round(train_seconds, 1),
+            "hardware": _hardware(),
+        },
+        "scores": scores,
+        "files": {},
+    }
+    _write_model_card(staging, manifest)
+    manifest["files"] = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    validate_manifest(manifest, "new manifest")
+    atomic_write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False))
+    final = packs_dir / lang
+    install_dir(staging, final)
+    shutil.rmtree(work, ignore_errors=True)
+    manifest["build_seconds"] = round(time.perf_counter() - started, 1)
+    return BuildResult(final, manifest, report.warnings)
+
+
+def _score_with_baselines(hyps, refs, lang, feats, train_f, train_names, texts, pack_version, beam) -> dict:
+    from toolkit.evaluate import corpus_bleu_scores, most_frequent_caption, nearest_neighbour_captions
+
+    train_first = [texts[n][0] for n in train_names]
+    constant = most_frequent_caption([t for n in train_names for t in texts[n]])
+    names = list(hyps)
+    retrieval = dict(zip(names, nearest_neighbour_captions(feats, train_f, train_first)))
+    out = {"model": corpus_bleu_scores(hyps, refs, lang, pack_version=pack_version).to_dict()}
+    out["model"]["beam"] = beam
+    out["retrieval"] = corpus_bleu_scores(retrieval, refs, lang, pack_version=pack_version).to_dict()
+    out["constant"] = corpus_bleu_scores({n: constant for n in names}, refs, lang, pack_version=pack_version).to_dict()
+    return out
+
+
+def _hardware() -> str:
+    import os
+
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores" + (f", {len(gpus)} GPU" if gpus else ", no GPU")
+
+
+def _check_writable(packs_dir: Path) -> None:
+    try:
+        packs_dir.mkdir(parents=True, exist_ok=True)
+        probe = packs_dir / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CapkitError(f"{packs_dir}: packs folder is not writable ({e.strerror or e})",
+                          hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write") from None
+
+
+def _write_model_card(folder: Path, m: dict) -> None:
+    d, t = m["data"], m["training"]
+    lines = [
+        f"# capkit language pack: {m['lang']}", "",
+        f"Image captions in `{m['lang']}` from a {m['decoder']['units']}-unit LSTM decoder over the shared "
+        f"{m['encoder']['name']} encoder `{m['encoder']['id']}` (weights: {m['encoder']['source']}).", "",
+        "## Data",
+        f"- captions: `{d['captions']}` ({d['source_lang']}), translator: {d['translator']}",
+        f"- images: {d['n_train_images']} train, {d['n_dev_images']} dev, {d['n_test_images']} test "
+        f"({d['n_missing_images']} missing, {d['n_unreadable_images']} unreadable); {d['n_train_captions']} train captions",
+        f"- tokenizer: SentencePiece unigram, {m['tokenizer']['vocab_size']} pieces, trained on the train split only", "",
+        "## Training",
+        f"- {t['epochs_run']} epochs (best {t['best_epoch']}, dev loss {t['best_dev_loss']:.3f}), {t['seconds']} s on {t['hardware']}", "",
+        "## Scores (corpus BLEU, 0-100)", "",
+        "| split | system | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |", "|---|---|---|---|---|---|",
+    ]
+    sig = ""
+    for split, systems in m["scores"].items():
+        for name, r in systems.items():
+            lines.append(f"| {split} | {name} | {r['bleu1']:.1f} | {r['bleu2']:.1f} | {r['bleu3']:.1f} | {r['bleu4']:.1f} |")
+            sig = r["signature"]
+    lines += ["", f"Signature: `{sig}`. `retrieval` is the first train caption of the most similar train image; "
+              "`constant` is the most frequent train caption for every image.", "",
+              "## Known limits",
+              "- Trained on the images and captions above only; expect generic captions for scenes unlike them.",
+              "- Machine-translated training captions carry the translator's errors." if "none" not in d["translator"] else
+              "- Scores are against references from the same source as the training captions.",
+              ]
+    atomic_write_text(folder / MODEL_CARD_FILE, "\n".join(lines) + "\n")
+
+
+# -- inference ----------------------------------------------------------------
+
+@dataclass
+class LoadedPack:
+    lang: str
+    dir: Path
+    manifest: dict
+    tokenizer: object
+    step: object
+
+
+def load_pack(packs_dir: Path, lang: str, encoder_id: str | None = None) -> LoadedPack:
+    """A pack ready to caption; refused when `encoder_id` differs from the one it was trained with."""
+    from toolkit.decoder import load_decoder
+    from toolkit.generate import KerasStepModel
+    from toolkit.tokenizer import Tokenizer
+
+    folder = find_pack(packs_dir, lang)
+    m = load_manifest(folder)
+    if encoder_id and m["encoder"]["id"] != encoder_id:
+        raise CapkitError(
+            f"pack {lang} was trained with encoder {m['encoder']['id']}, not {encoder_id}",
+            hint="a decoder only understands the features of its own encoder; rebuild the pack for this encoder",
+        )
+    cfg = from_dict(DecoderConfig, m["decoder"])
+    model = load_decoder(cfg, folder / DECODER_WEIGHTS_FILE)
+    return LoadedPack(lang, folder, m, Tokenizer.load(folder / TOKENIZER_FILE), KerasStepModel(model))
+
+
+def resolve_langs(packs_dir: Path, langs: list[str]) -> list[str]:
+    if "all" in langs:
+        have = list(installed_packs(packs_dir))
+        if not have:
+            raise CapkitError(f"no packs installed in {packs_dir}", hint="build one with `capkit build-pack`")
+        return have
+    return list(dict.fromkeys(langs))
+
+
+@dataclass
+class Captions:
+    rows: list[dict]                 # {"image", "lang", "caption"}, image-major
+    failures: dict[str, str]         # image path -> why it was skipped
+    seconds: dict[str, float]        # stage -> seconds
+
+
+def caption_images(
+    inputs: list[str | Path],
+    langs: list[str],
+    packs_dir: Path,
+    *,
+    beam: int = 3,
+    length_penalty: float = 0.0,
+    no_repeat_ngram: int = 0,
+    max_pixels: int | None = None,
+    report: Report | None = None,
+) -> Captions:
+    """Caption every image in `inputs` (files or folders) in every language of `langs`, one encoder pass."""
+    from toolkit.encoder import Encoder
+    from toolkit.images import DEFAULT_MAX_PIXELS, list_images
+    from toolkit.tokenizer import BOS_ID, EOS_ID
+
+    if beam < 1:
+        raise CapkitError(f"--beam must be at least 1, not {beam}")
+    report = report or Report()
+    packs_dir = Path(packs_dir)
+    langs = resolve_langs(packs_dir, langs)
+    manifests = {lang: load_manifest(find_pack(packs_dir, lang)) for lang in langs}
+    enc_ids = {m["encoder"]["id"] for m in manifests.values()}
+    if len(enc_ids) > 1:
+        raise CapkitError(f"packs {', '.join(langs)} use different encoders ({', '.join(sorted(enc_ids))})",
+                          hint="caption with packs of one encoder at a time")
+    paths = list_images(inputs)
+    if not paths:
+        raise CapkitError(f"no images found in {', '.join(map(str, inputs))}")
+    t0 = time.perf_counter()
+    encoder = Encoder.load(packs_dir, enc_ids.pop())
+    ex = encoder.extract(paths, progress=lambda d, t: report("progress", stage="encode", done=d, total=t),
+                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    t1 = time.perf_counter()
+    ok = [p for p in map(str, paths) if p in ex.keys]
+    feats = encoder.features([ex.keys[p] for p in ok])
+    by_lang = {}
+    for lang in langs:
+        pack = load_pack(packs_dir, lang, encoder.id)
+        ids = beam_search_batched(pack.step, feats, BOS_ID, EOS_ID, beam, pack.manifest["decoder"]["max_length"],
+                                  length_penalty, no_repeat_ngram)
+        by_lang[lang] = pack.tokenizer.decode(ids)
+    t2 = time.perf_counter()
+    rows = [{"image": p, "lang": lang, "caption": by_lang[lang][i]} for i, p in enumerate(ok) for lang in langs]
+    return Captions(rows, ex.failures, {"encode": t1 - t0, "decode": t2 - t1})
+
+
+def beam_search_batched(step, feats, bos, eos, beam, max_length, length_penalty=0.0, no_repeat_ngram=0, batch=64):
+    """Beam search in chunks of `batch` images, so memory stays flat on big folders."""
+    from toolkit.generate import beam_search
+
+    out = []
+    for i in range(0, len(feats), batch):
+        out += beam_search(step, feats[i : i + batch], bos, eos, beam=beam, max_length=max_length,
+                           length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
+    return out
+
+
+def evaluate_packs(
+    langs: list[str],
+    packs_dir: Path,
+    images_dir: Path,
+    split_file: Path,
+    references: Path | None = None,
+    *,
+    beam: int = 3,
+    bootstrap: int = 0,
+    baselines: bool = True,
+    report: Report | None = None,
+) -> list[dict]:
+    """BLEU of each pack on the split's images, with constant and retrieval reference points.
+
+    References default to the pack's own `references.txt` (its dev/test
+    captions in its language); `references` overrides for every language.
+    """
+    from toolkit.encoder import Encoder
+    from toolkit.evaluate import corpus_bleu_scores, most_frequent_caption, nearest_neighbour_captions
+    from toolkit.tokenizer import BOS_ID, EOS_ID
+
+    report = report or Report()
+    packs_dir, images_dir = Path(packs_dir), Path(images_dir)
+    langs = resolve_langs(packs_dir, langs)
+    split = read_split(split_file)
+    results = []
+    encoders: dict[str, Encoder] = {}
+    for lang in langs:
+        folder = find_pack(packs_dir, lang)
+        m = load_manifest(folder)
+        ref_path = Path(references) if references else folder / REFERENCES_FILE
+        refs_all = group_by_image(read_captions(ref_path).captions)
+        names = [n for n in split if n in refs_all and (images_dir / n).is_file()]
+        n_missing = sum(1 for n in split if n in refs_all and not (images_dir / n).is_file())
+        if n_missing:
+            report("warning", message=f"{n_missing} images of {split_file} with references are not in {images_dir}; skipped")
+        if not names:
+            raise CapkitError(f"no image of {split_file} has both a reference in {ref_path} and a file in {images_dir}")
+        eid = m["encoder"]["id"]
+        if eid not in encoders:
+            encoders[eid] = Encoder.load(packs_dir, eid)
+        encoder = encoders[eid]
+        ex = encoder.extract([images_dir / n for n in names],
+                             progress=lambda d, t: report("progress", stage="encode", done=d, total=t))
+        names = [n for n in names if str(images_dir / n) in ex.keys]
+        feats = encoder.features([ex.keys[str(images_dir / n)] for n in names])
+        pack = load_pack(packs_dir, lang, eid)
+        ids = beam_search_batched(pack.step, feats, BOS_ID, EOS_ID, beam, m["decoder"]["max_length"])
+        hyps = dict(zip(names, pack.tokenizer.decode(ids)))
+        refs = {n: refs_all[n] for n in names}
+        res = corpus_bleu_scores(hyps, refs, lang, bootstrap=bootstrap, pack_version=m["pack_version"]).to_dict()
+        res.update(beam=beam, system="pack")
+        entry = {"lang": lang, **res, "baselines": {}}
+        if baselines:
+            train_texts = group_by_image(read_captions(folder / CAPTIONS_FILE).captions)
+            const = most_frequent_caption([t for ts in train_texts.values() for t in ts])
+            entry["baselines"]["constant"] = corpus_bleu_scores({n: const for n in names}, refs, lang,
+                                                                bootstrap=bootstrap, pack_version=m["pack_version"]).to_dict()
+            train_paths = [images_dir / n for n in train_texts if (images_dir / n).is_file()]
+            if train_paths:
+                tex = encoder.extract(train_paths)
+                tnames = [p.name for p in train_paths if str(p) in tex.keys]
+                tf_ = encoder.features([tex.keys[str(images_dir / n)] for n in tnames])
+                nn = nearest_neighbour_captions(feats, tf_, [train_texts[n][0] for n in tnames])
+                entry["baselines"]["retrieval"] = corpus_bleu_scores(dict(zip(names, nn)), refs, lang,
+                                                                     bootstrap=bootstrap, pack_version=m["pack_version"]).to_dict()
+            else:
+                report("warning", message=f"{lang}: the pack's train images are not in {images_dir}; no retrieval baseline")
+        entry["captions"] = hyps
+        results.append(entry)
+    return results
