@@ -21,3 +21,49 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"no real data at {path} (set CAPKIT_SHARED_DATA)")
     return path
+
+
+# -- tiny generated data and packs ------------------------------------------------
+# Random-init Xception at its minimum input size (71 px) and a 32-unit decoder:
+# every stage runs for real, in seconds.
+
+TINY_ENCODER = dict(weights="none", image_size=71, batch_size=16, workers=2)
+TINY_DECODER = dict(vocab_size=60, units=32, embed_dim=16, dropout=0.1, max_length=16)
+TINY_TRAIN = dict(epochs=3, batch_size=32, learning_rate=1e-2, patience=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> dict[str, Path]:
+    """48 synthetic images with English and Chinese captions and train/dev/test splits."""
+    from toolkit.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("data"), n_images=48, image_size=64, dev_fraction=0.17, test_fraction=0.17)
+
+
+def build_tiny_pack(lang: str, data: dict[str, Path], packs_dir: Path, **overrides):
+    """A real pack from `data`, built by the same function the CLI calls."""
+    from toolkit.config import DecoderConfig, EncoderConfig, TrainConfig
+    from toolkit.pipeline import build_pack
+
+    return build_pack(
+        lang, data[f"captions_{lang}"], data["images"],
+        {"train": data["train"], "dev": data["dev"], "test": data["test"]}, packs_dir,
+        source_lang=lang,
+        encoder_config=EncoderConfig(**TINY_ENCODER),
+        decoder_config=DecoderConfig(**{**TINY_DECODER, **overrides.pop("decoder", {})}),
+        train_config=TrainConfig(**{**TINY_TRAIN, **overrides.pop("train", {})}),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_packs(tmp_path_factory, tiny_dataset) -> Path:
+    """A packs dir holding tiny `en` and `zh` packs over one random-init encoder.
+
+    Session-wide and shared: tests that change packs copy it first
+    (`shutil.copytree(tiny_packs, tmp_path / "packs")`).
+    """
+    packs = tmp_path_factory.mktemp("packs")
+    build_tiny_pack("en", tiny_dataset, packs)
+    build_tiny_pack("zh", tiny_dataset, packs)
+    return packs

@@ -203,6 +203,7 @@ def train_decoder(
             epochs=train_config.epochs,
             initial_epoch=state["epoch"],
             callbacks=[_Checkpoints(checkpoint_dir, state, train_config.patience, progress)],
+            shuffle=False,  # the dataset shuffles itself, reproducibly by seed
             verbose=0,
         )
     if (checkpoint_dir / CHECKPOINT_BEST_FILE).exists():

@@ -1,0 +1,135 @@
+"""The whole path on tiny generated data: build, caption, evaluate, and the packs they leave."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny_pack
+from toolkit.errors import CapkitError
+from toolkit.pack import MANIFEST_FILE, PACK_FILES, installed_packs, load_manifest, verify_files
+
+
+def test_build_writes_a_complete_verified_pack(tiny_packs):
+    assert set(installed_packs(tiny_packs)) == {"en", "zh"}
+    for lang in ("en", "zh"):
+        m = load_manifest(tiny_packs / lang)
+        assert m["lang"] == lang and m["format_version"] == 1
+        assert set(m["files"]) == set(PACK_FILES)
+        assert verify_files(tiny_packs / lang, m) == []
+        assert m["data"]["n_train_images"] == 32 and m["data"]["n_train_captions"] == 160
+        assert {"dev", "test"} <= set(m["scores"])
+        for system in ("model", "retrieval", "constant"):
+            assert 0 <= m["scores"]["dev"][system]["bleu4"] <= 100
+        assert m["scores"]["dev"]["model"]["tokenization"] == ("chars" if lang == "zh" else "words")
+        assert len(m["training"]) and m["training"]["epochs_run"] >= 1
+    # Both packs share one encoder, stored once.
+    assert load_manifest(tiny_packs / "en")["encoder"] == load_manifest(tiny_packs / "zh")["encoder"]
+    assert len(list((tiny_packs / ".encoders").iterdir())) == 1
+
+
+def test_second_language_extracts_no_features(tiny_packs, tiny_dataset):
+    from toolkit.pipeline import Report
+
+    events = []
+    build_tiny_pack("zh", tiny_dataset, tiny_packs, report=Report(lambda kind, **f: events.append((kind, f))))
+    encoded = [f for kind, f in events if kind == "encoded"]
+    assert encoded and encoded[0]["extracted"] == 0 and encoded[0]["cached"] == 48
+
+
+def test_caption_every_language_in_one_encoder_pass(tiny_packs, tiny_dataset):
+    from toolkit.pipeline import caption_images
+
+    out = caption_images([tiny_dataset["images"]], ["all"], tiny_packs, beam=2)
+    assert len(out.rows) == 2 * 48 and not out.failures
+    assert {r["lang"] for r in out.rows} == {"en", "zh"}
+    assert all(isinstance(r["caption"], str) for r in out.rows)
+    zh = [r["caption"] for r in out.rows if r["lang"] == "zh"]
+    assert any(any("\u4e00" <= ch <= "\u9fff" for ch in c) for c in zh)
+
+
+def test_caption_is_deterministic_and_beam1_is_greedy(tiny_packs, tiny_dataset):
+    from toolkit.pipeline import caption_images
+
+    imgs = sorted(tiny_dataset["images"].iterdir())[:6]
+    a = caption_images(imgs, ["en"], tiny_packs, beam=1).rows
+    b = caption_images(imgs, ["en"], tiny_packs, beam=1).rows
+    assert a == b
+
+
+def test_evaluate_matches_pack_scores_and_has_baselines(tiny_packs, tiny_dataset):
+    from toolkit.pipeline import evaluate_packs
+
+    res = evaluate_packs(["en", "zh"], tiny_packs, tiny_dataset["images"], tiny_dataset["test"], beam=3)
+    for r in res:
+        m = load_manifest(tiny_packs / r["lang"])
+        assert r["bleu4"] == pytest.approx(m["scores"]["test"]["model"]["bleu4"], abs=1e-6)
+        assert r["n_images"] == 8 and r["n_references"] == 40
+        assert r["baselines"]["retrieval"]["bleu4"] == pytest.approx(m["scores"]["test"]["retrieval"]["bleu4"], abs=1e-6)
+        assert "constant" in r["baselines"]
+
+
+def test_pack_refuses_a_different_encoder(tiny_packs, tmp_path):
+    from toolkit.pipeline import load_pack
+
+    with pytest.raises(CapkitError, match="trained with encoder"):
+        load_pack(tiny_packs, "en", encoder_id="xception-299-000000000000")
+
+
+def test_missing_pack_lists_installed(tiny_packs):
+    from toolkit.pipeline import load_pack
+
+    with pytest.raises(CapkitError) as e:
+        load_pack(tiny_packs, "tr")
+    assert "en" in e.value.hint and "zh" in e.value.hint
+
+
+def test_build_refuses_zero_train_images(tiny_dataset, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data = dict(tiny_dataset, images=empty)
+    with pytest.raises(CapkitError, match="no train image"):
+        build_tiny_pack("en", data, tmp_path / "packs")
+
+
+def test_missing_images_are_counted_and_skipped(tiny_dataset, tmp_path):
+    images = tmp_path / "Images"
+    shutil.copytree(tiny_dataset["images"], images)
+    gone = sorted(images.iterdir())[:5]
+    for p in gone:
+        p.unlink()
+    res = build_tiny_pack("en", dict(tiny_dataset, images=images), tmp_path / "packs", train=dict(epochs=1))
+    assert res.manifest["data"]["n_missing_images"] == 5
+    assert any("5 images" in w for w in res.warnings)
+
+
+def test_interrupted_training_resumes_from_checkpoint(tiny_dataset, tmp_path):
+    """Ctrl-C during epoch 2; the same build resumes at epoch 2, not 1."""
+    from toolkit.pipeline import Report
+
+    def stop_after_first_epoch(kind, **f):
+        if kind == "epoch" and f["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_pack("en", tiny_dataset, tmp_path / "packs", report=Report(stop_after_first_epoch))
+    assert not (tmp_path / "packs" / "en").exists()
+    epochs = []
+    build_tiny_pack("en", tiny_dataset, tmp_path / "packs",
+                    report=Report(lambda kind, **f: kind == "epoch" and epochs.append(f["epoch"])))
+    assert epochs[0] == 2
+    assert (tmp_path / "packs" / "en" / MANIFEST_FILE).is_file()
+    assert not (tmp_path / "packs" / ".work").exists() or not any((tmp_path / "packs" / ".work").iterdir())
+
+
+def test_features_are_normalised_inside_the_decoder(tiny_packs):
+    """Random-init features are ~1e-5 and alike; the decoder's Normalization layer carries train stats."""
+    from toolkit.pipeline import load_pack
+
+    pack = load_pack(tiny_packs, "en")
+    norm = pack.step.decoder.norm
+    mean = np.asarray(norm.mean).ravel()
+    assert mean.shape == (2048,) and np.abs(mean).max() < 1.0 and np.abs(mean).max() > 0
