@@ -95,6 +95,8 @@ def beam_search(
         V = logp.shape[1]
         if no_repeat_ngram > 0 and t + 1 >= no_repeat_ngram:
             _ban_repeats(logp, seqs, no_repeat_ngram, finished)
+            dead = np.isneginf(logp).all(axis=1)
+            logp[dead, eos] = -1e9  # every word banned: end the caption rather than emit garbage
         logp[finished] = -np.inf
         logp[finished, eos] = 0.0
         cand = (scores[:, None] + logp).reshape(n, K * V)
@@ -117,7 +119,7 @@ def beam_search(
             ids = list(seqs[r])
             ids = ids[: ids.index(eos)] if eos in ids else ids
             s = scores[r] / (max(1, len(ids) + 1) ** length_penalty)
-            if s > best_score:
+            if best is None or s > best_score:  # all beams may be -inf when every token was banned
                 best, best_score = ids, s
         out.append([int(i) for i in best])
     return out

@@ -1,0 +1,107 @@
+"""Tokenizer, encoder identity and feature cache, each alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit.errors import CapkitError
+
+
+def test_tokenizer_round_trips_and_caps_vocab_for_small_corpora(tmp_path):
+    from toolkit.tokenizer import EOS_ID, Tokenizer, train_tokenizer
+
+    tok = train_tokenizer(["a dog runs on the grass", "a cat sits on a mat"] * 5, "en", vocab_size=5000)
+    assert tok.vocab_size < 100  # soft cap: no "vocabulary size too high" failure
+    ids = tok.encode(["A dog sits on the mat"])
+    assert tok.decode(ids) == ["a dog sits on the mat"]  # case-folded by design
+    tok.save(tmp_path / "t.model")
+    again = Tokenizer.load(tmp_path / "t.model")
+    assert again.encode(["a cat runs"]) == tok.encode(["a cat runs"])
+    assert tok.decode([ids[0] + [EOS_ID]]) == tok.decode(ids)  # specials never decoded
+
+
+@pytest.mark.parametrize("lang,texts", [
+    ("zh", ["一只狗在草地上跑", "一只猫坐在垫子上"]),
+    ("ja", ["犬が草の上を走る", "猫がマットに座る"]),
+    ("ar", ["كلب يجري على العشب", "قطة تجلس على الحصيرة"]),
+    ("th", ["สุนัขวิ่งบนหญ้า", "แมวนั่งบนเสื่อ"]),
+])
+def test_tokenizer_handles_unspaced_and_rtl_scripts(lang, texts):
+    from toolkit.tokenizer import UNK_ID, train_tokenizer
+
+    tok = train_tokenizer(texts * 5, lang, vocab_size=200)
+    ids = tok.encode(texts)
+    assert tok.decode(ids) == texts
+    assert all(UNK_ID not in seq for seq in ids)
+
+
+def test_unreadable_tokenizer_is_a_clear_error(tmp_path):
+    from toolkit.tokenizer import Tokenizer
+
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(CapkitError, match="bad.model"):
+        Tokenizer.load(tmp_path / "bad.model")
+
+
+def test_feature_cache_round_trip_and_crash_recovery(tmp_path):
+    from toolkit.encoder import FeatureCache
+
+    cache = FeatureCache(tmp_path, dim=4, scale=1024.0)
+    f = np.arange(8, dtype=np.float32).reshape(2, 4) / 1000
+    cache.add(["a", "b"], f)
+    np.testing.assert_allclose(FeatureCache(tmp_path, 4, 1024.0).get(["b", "a"]), f[::-1], rtol=1e-3)
+    # A writer that died after its rows but before its keys leaves stray bytes: ignored, then cut.
+    with open(tmp_path / "features.f16", "ab") as fh:
+        fh.write(b"\x00" * 6)
+    cache = FeatureCache(tmp_path, 4, 1024.0)
+    assert len(cache) == 2 and "c" not in cache
+    cache.add(["c"], f[:1])
+    assert len(FeatureCache(tmp_path, 4, 1024.0)) == 3
+    np.testing.assert_allclose(cache.get(["c"]), f[:1], rtol=1e-3)
+
+
+def test_encoder_identity_is_stable_and_cache_is_keyed_by_content(tmp_path, tiny_dataset):
+    import shutil
+
+    from toolkit.config import EncoderConfig
+    from toolkit.encoder import Encoder
+
+    cfg = EncoderConfig(weights="none", image_size=71, batch_size=4)
+    enc = Encoder.prepare(cfg, tmp_path)
+    imgs = sorted(tiny_dataset["images"].iterdir())[:5]
+    ex = enc.extract(imgs)
+    assert ex.n_extracted == 5 and not ex.failures
+    # A renamed copy is the same content: a cache hit.
+    copy = tmp_path / "renamed.png"
+    shutil.copy(imgs[0], copy)
+    again = Encoder.load(tmp_path, enc.id)
+    ex2 = again.extract([copy, *imgs])
+    assert ex2.n_extracted == 0 and ex2.n_cached == 6
+    np.testing.assert_array_equal(again.features([ex2.keys[str(copy)]]), enc.features([ex.keys[str(imgs[0])]]))
+    # Batched cached features match a direct forward pass (float16 storage, relative error).
+    from toolkit.images import read_image
+
+    direct = enc.encode_arrays(np.stack([read_image(p, 71) for p in imgs]))
+    np.testing.assert_allclose(enc.features([ex.keys[str(p)] for p in imgs]), direct, rtol=2e-3, atol=1e-9)
+
+
+def test_encoder_weights_file_round_trip_and_mismatch(tmp_path):
+    import keras
+
+    from toolkit.config import EncoderConfig
+    from toolkit.encoder import Encoder
+
+    keras.utils.set_random_seed(7)
+    src = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3), pooling="avg")
+    src.save_weights(tmp_path / "x.weights.h5")
+    enc = Encoder.prepare(EncoderConfig(weights=str(tmp_path / "x.weights.h5"), image_size=71), tmp_path / "packs")
+    assert enc.identity["source"] == "file"
+    none = Encoder.prepare(EncoderConfig(weights="none", image_size=71), tmp_path / "packs")
+    assert none.id != enc.id
+    loaded = Encoder.load(tmp_path / "packs", enc.id)  # from the packs dir's own copy of the weights
+    assert loaded.identity["digest"] == enc.identity["digest"]
+    with pytest.raises(CapkitError, match="not in"):
+        Encoder.load(tmp_path / "packs", "xception-299-ffffffffffff")
+    with pytest.raises(CapkitError, match="no such weights file"):
+        Encoder.prepare(EncoderConfig(weights=str(tmp_path / "missing.h5"), image_size=71), tmp_path / "packs")
