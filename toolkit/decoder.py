@@ -21,9 +21,10 @@ from toolkit.config import DecoderConfig, TrainConfig
 from toolkit.errors import CapkitError
 from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from toolkit.backend import import_tensorflow
+
+tf = import_tensorflow()
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 CHECKPOINT_STATE_FILE = "state.json"
 CHECKPOINT_LAST_FILE = "last.weights.h5"

@@ -311,7 +311,9 @@ class Encoder:
 
 
 def _build(config: EncoderConfig, weights: str):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from toolkit.backend import import_tensorflow
+
+    import_tensorflow()
     import keras
 
     if config.name != "xception":

@@ -1,0 +1,39 @@
+"""Importing TensorFlow without the noise.
+
+The TensorFlow wheel probes for CUDA at import and at first device use and
+writes several lines to stderr on every machine without a GPU, before its
+own log level applies. Users of a CLI should see their results, not that:
+stderr is pointed at /dev/null during those two moments only. Set
+CAPKIT_TF_VERBOSE=1 to see everything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def import_tensorflow():
+    """`import tensorflow` with the start-up chatter silenced; returns the module."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ.get("CAPKIT_TF_VERBOSE") == "1":
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        tf.constant(0)  # creates the eager context, which probes CUDA a second time
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tf
