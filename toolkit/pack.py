@@ -11,7 +11,9 @@ A pack is the folder `<packs dir>/<lang>/`:
     README.md            the model card
 
 The encoder is not in the pack: the manifest names it by identity and the
-packs dir holds it once for all packs (`.encoders/<id>/`).
+packs dir holds it once for all packs (`.encoders/<id>/`). Sharing a pack
+as one `.cappack` file (export, and an import that trusts nothing) is
+`toolkit.share`.
 """
 
 from __future__ import annotations
@@ -100,7 +102,10 @@ def install_dir(staged: Path, final: Path) -> None:
     """
     old = final.with_name(final.name + ".old")
     if old.exists():
-        shutil.rmtree(old)
+        if final.exists():  # an earlier swap finished but not its clean-up
+            shutil.rmtree(old)
+        else:  # an earlier swap was cut between its renames: `old` is the only pack, keep it until `staged` is in
+            os.rename(old, final)
     if final.exists():
         os.rename(final, old)
     os.rename(staged, final)
