@@ -67,3 +67,29 @@ def tiny_packs(tmp_path_factory, tiny_dataset) -> Path:
     build_tiny_pack("en", tiny_dataset, packs)
     build_tiny_pack("zh", tiny_dataset, packs)
     return packs
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """A random-init 71-px `Encoder` (batch 4), built once: Xception takes seconds to build.
+
+    Tests that extract give it a cache of their own with `encoder_with_cache`.
+    """
+    from toolkit.config import EncoderConfig
+    from toolkit.encoder import Encoder
+
+    import numpy as np
+
+    enc = Encoder.prepare(EncoderConfig(weights="none", image_size=71, batch_size=4, workers=2),
+                          tmp_path_factory.mktemp("encoder"))
+    enc.encode_arrays(np.zeros((1, 71, 71, 3), np.uint8))  # trace the forward pass once, for every copy
+    return enc
+
+
+def encoder_with_cache(base, home: Path):
+    """`base`'s model and identity with its feature cache in `home` (its traced forward pass reused)."""
+    from toolkit.encoder import Encoder
+
+    enc = Encoder(base.model, base.config, base.identity, home)
+    enc._forward = base._forward
+    return enc

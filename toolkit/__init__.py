@@ -2,7 +2,7 @@
 
 Nothing heavy is imported here: `capkit --help` must not load TensorFlow.
 Stages: data, translate, tokenizer, images, encoder, decoder, generate,
-evaluate, pack; `pipeline` wires them into build / caption / evaluate.
+evaluate, pack, share; `pipeline` wires them into build / caption / evaluate.
 """
 
 __version__ = "0.1.0"

@@ -42,6 +42,7 @@ class _Progress:
         self.bar = None
         self.stage = None
         self.quiet = quiet
+        _state["progress"] = self  # main() closes the bar before an error, which would land on its line
 
     def __call__(self, kind: str, **f) -> None:
         if kind == "warning":
@@ -85,6 +86,12 @@ def _check_lang(lang: str) -> str:
     return lang
 
 
+def _at_least(flag: str, value, low) -> None:
+    """Refuse a numeric flag below `low` here, not after an hour of translation and encoding."""
+    if value < low:
+        raise CapkitError(f"{flag} must be at least {low}, not {value}")
+
+
 def _encoder_config(weights: str, image_size: int, batch_size: int):
     from toolkit.config import EncoderConfig
 
@@ -118,6 +125,8 @@ def build_pack(
     beam: int = typer.Option(3, "--beam", help="Beam width for the scores written into the pack."),
     pack_version: str = typer.Option("1.0.0", "--pack-version"),
     seed: int = typer.Option(0, "--seed"),
+    strategy: str = typer.Option("default", "--strategy",
+                                 help="Training devices: default (one), mirrored (all local GPUs), multiworker (TF_CONFIG)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
     from toolkit.config import DecoderConfig, TrainConfig
@@ -128,6 +137,13 @@ def build_pack(
         raise CapkitError(f"--epochs must be at least 1, not {epochs}")
     if beam < 1:
         raise CapkitError(f"--beam must be at least 1, not {beam}")
+    for flag, value, low in (("--image-size", image_size, 71), ("--units", units, 1),
+                             ("--embed-dim", embed_dim, 1), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
+        _at_least(flag, value, low)
+    if not 0 <= dropout < 1:
+        raise CapkitError(f"--dropout must be in [0, 1), not {dropout}")
+    if not learning_rate > 0:
+        raise CapkitError(f"--learning-rate must be positive, not {learning_rate}")
     if splits:
         from toolkit.pipeline import find_split_files
 
@@ -146,7 +162,8 @@ def build_pack(
         source_lang=source_lang, translator=translator, translator_options=options,
         encoder_config=_encoder_config(encoder_weights, image_size, 32),
         decoder_config=DecoderConfig(vocab_size=vocab_size, units=units, embed_dim=embed_dim, dropout=dropout),
-        train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=patience, seed=seed),
+        train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=patience, seed=seed,
+                                 strategy=strategy),
         pack_version=pack_version, beam=beam, report=Report(_Progress()),
     )
     m = result.manifest
@@ -189,15 +206,19 @@ def caption(
         raise CapkitError(f"--format must be text or json, not {fmt!r}")
     for code in lang:
         code == "all" or _check_lang(code)
+    _at_least("--no-repeat-ngram", no_repeat_ngram, 0)
+    _at_least("--max-pixels", max_pixels, 1)
     from toolkit.pipeline import Report, caption_images
 
     out = caption_images(inputs, lang, _packs_dir(packs_dir), beam=beam, length_penalty=length_penalty,
                          no_repeat_ngram=no_repeat_ngram, max_pixels=max_pixels, report=Report(_Progress(quiet=True)))
+    # A file name that is not UTF-8 must not crash the output after all the work: show it with U+FFFD.
+    rows = [{**r, "image": typer.format_filename(r["image"])} for r in out.rows]
     if fmt == "json":
-        typer.echo(json.dumps(out.rows, ensure_ascii=False, indent=1))
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=1))
     else:
-        several = len({r["lang"] for r in out.rows}) > 1
-        for r in out.rows:
+        several = len({r["lang"] for r in rows}) > 1
+        for r in rows:
             typer.echo(f"{r['image']}\t" + (f"{r['lang']}\t" if several else "") + r["caption"])
     _fail_on_skipped(out.failures)
 
@@ -226,6 +247,7 @@ def evaluate(
         raise CapkitError(f"--format must be table or json, not {fmt!r}")
     if beam < 1:
         raise CapkitError(f"--beam must be at least 1, not {beam}")
+    _at_least("--bootstrap", bootstrap, 0)
     for code in lang:
         code == "all" or _check_lang(code)
     from toolkit.evaluate import format_table
@@ -239,6 +261,31 @@ def evaluate(
         rows = [_bleu_from_dict(r) for r in results]
         base = {r["lang"]: {k: _bleu_from_dict(v) for k, v in r["baselines"].items()} for r in results}
         typer.echo(format_table(rows, base))
+
+
+@app.command("report")
+def report_cmd(
+    lang: List[str] = typer.Option(..., "--lang", help="Pack language; repeat for several, or 'all'."),
+    images: List[Path] = typer.Option(..., "--images", help="Folder or image files (with --split: the one folder)."),
+    out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
+    references: Optional[Path] = typer.Option(None, "--references", help="Reference captions to show (and score, with --split)."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Score the packs on these images: adds the BLEU table."),
+    beam: int = typer.Option(3, "--beam"),
+    bootstrap: int = typer.Option(0, "--bootstrap", help="Resamples for 95% confidence intervals (with --split)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Show at most N images (BLEU still uses the whole split)."),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """One self-contained HTML page: images with captions per language, BLEU table, loss curves."""
+    if beam < 1:
+        raise CapkitError(f"--beam must be at least 1, not {beam}")
+    for code in lang:
+        code == "all" or _check_lang(code)
+    from toolkit.pipeline import Report
+    from toolkit.report import build_report
+
+    page = build_report(images, lang, _packs_dir(packs_dir), references=references, split=split, beam=beam,
+                        bootstrap=bootstrap, limit=limit, out=out, report=Report(_Progress(quiet=True)))
+    typer.echo(f"report written to {out} ({len(page.encode()) / 1e6:.1f} MB)")
 
 
 @app.command()
@@ -297,6 +344,9 @@ def encode(
     from toolkit.encoder import Encoder
     from toolkit.images import list_images
 
+    _at_least("--image-size", image_size, 71)
+    _at_least("--batch-size", batch_size, 1)
+    _at_least("--max-pixels", max_pixels, 1)
     paths = list_images(images)
     if not paths:
         raise CapkitError(f"no images found in {', '.join(map(str, images))}")
@@ -355,8 +405,8 @@ def packs_remove(lang: str = typer.Argument(...), packs_dir: Optional[Path] = Pa
 @packs_app.command("verify")
 def packs_verify(lang: Optional[str] = typer.Argument(None), packs_dir: Optional[Path] = PacksDir):
     """Check every pack file against the manifest's checksums, and that its encoder is present."""
-    from toolkit.encoder import ENCODER_FILE, ENCODERS_DIR
     from toolkit.pack import find_pack, installed_packs, load_manifest, verify_files
+    from toolkit.share import encoder_problem
 
     pd = _packs_dir(packs_dir)
     langs = [lang] if lang else list(installed_packs(pd))
@@ -365,41 +415,107 @@ def packs_verify(lang: Optional[str] = typer.Argument(None), packs_dir: Optional
         folder = find_pack(pd, code)
         m = load_manifest(folder)
         problems = [f"{name}: checksum mismatch or missing" for name in verify_files(folder, m)]
-        enc = pd / ENCODERS_DIR / m["encoder"]["id"] / ENCODER_FILE
-        if not enc.is_file():
-            problems.append(f"encoder {m['encoder']['id']} is not in {pd / ENCODERS_DIR}")
-        elif json.loads(enc.read_text()).get("digest") != m["encoder"]["digest"]:
-            problems.append(f"encoder {m['encoder']['id']} differs from the one the pack was trained with")
+        enc = encoder_problem(pd, m)
+        if enc:
+            problems.append(f"{enc[0]} (hint: {enc[1]})")
         bad += bool(problems)
         typer.echo(f"{code}: " + ("ok" if not problems else "; ".join(problems)))
     if bad:
         raise typer.Exit(1)
 
 
+@packs_app.command("export")
+def packs_export(
+    lang: str = typer.Argument(...),
+    out: Path = typer.Option(..., "-o", "--out", help="Archive to write (LANG.cappack), or a folder to write it in."),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Write a pack to one .cappack zip to share; its encoder is named, not copied."""
+    from toolkit.share import export_pack
+
+    r = export_pack(_packs_dir(packs_dir), _check_lang(lang), out)
+    typer.echo(f"exported {r.lang} {r.pack_version} ({r.n_files} files, {r.size / 1e6:.1f} MB) to {r.path}")
+
+
+@packs_app.command("import")
+def packs_import(
+    archive: Path = typer.Argument(..., help="A .cappack written by `capkit packs export`."),
+    force: bool = typer.Option(False, "--force", help="Replace an installed pack of another version or build."),
+    max_size_mb: int = typer.Option(512, "--max-size-mb", help="Refuse archives that unpack to more than this."),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Check a .cappack completely, then install it in one swap."""
+    from toolkit.pipeline import Report
+    from toolkit.share import import_pack
+
+    r = import_pack(archive, _packs_dir(packs_dir), force=force, max_bytes=max_size_mb * 2**20, report=Report(_Progress()))
+    if r.action == "unchanged":
+        typer.echo(f"{r.lang} {r.manifest['pack_version']} is already installed, identical; nothing to do")
+    elif r.action == "replaced":
+        typer.echo(f"replaced {r.lang} {r.previous_version or '(broken)'} by {r.manifest['pack_version']} in {r.pack_dir}")
+    else:
+        typer.echo(f"installed {r.lang} {r.manifest['pack_version']} in {r.pack_dir}")
+
+
 def main() -> None:
-    """Entry point: run the app; turn user errors and Ctrl-C into messages and exit codes."""
+    """Entry point: run the app; turn user errors and Ctrl-C into messages and exit codes.
+
+    Exit codes: 0 done; 1 some inputs skipped, or an unexpected failure; 2 a user
+    error or bad usage; 130 interrupted. No traceback unless --debug.
+    """
     debug = "--debug" in sys.argv[1:]
+    if not debug:
+        import warnings
+
+        # Pillow warns about damaged metadata it works around (corrupt EXIF, ...): nothing a user can act on.
+        warnings.filterwarnings("ignore", module="PIL")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer returns the code of a typer.Exit, and 130 for Ctrl-C, instead of exiting.
+        code = app(standalone_mode=False)
     except CapkitError as e:
         if debug:
             raise
-        typer.echo(f"error: {e.message}", err=True)
-        if e.hint:
-            typer.echo(f"  hint: {e.hint}", err=True)
+        _error(e.message, e.hint)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        code = 130
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.Abort:  # EOF at a prompt (and Ctrl-C in older typer)
+        code = 130
+    except typer.TyperException as e:  # usage errors: unknown option, missing argument (click's own format)
+        e.show()
+        sys.exit(e.exit_code)
+    except OSError as e:  # the disk or the system refused, somewhere no check names it more precisely
+        if debug:
+            raise
+        import errno
+
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        _error(f"{e.filename}: {e.strerror or e}" if e.filename else f"{e.strerror or e}",
+               "free some disk space and run the same command again; finished work is kept" if full
+               else "rerun with --debug to see where it happened")
+        sys.exit(1)
+    except Exception as e:
+        if debug:
+            raise
+        _error(f"unexpected {type(e).__name__}: {e}", "this is a bug in capkit: rerun with --debug and report the traceback")
+        sys.exit(1)
+    if code == 130:
+        _close_progress()
         typer.echo("\ninterrupted: finished work (translations, features, checkpoints) is kept; "
                    "run the same command to resume", err=True)
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors arrive here with standalone_mode=False
-        import click
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+
+def _close_progress() -> None:
+    if _state.get("progress") is not None:
+        _state["progress"]._close()
+
+
+def _error(message: str, hint: str | None) -> None:
+    _close_progress()
+    typer.echo(f"error: {message}", err=True)
+    if hint:
+        typer.echo(f"  hint: {hint}", err=True)

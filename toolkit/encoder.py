@@ -9,6 +9,7 @@ the same photos extracts nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -36,6 +37,14 @@ FEATURE_DIM = 2048
 RANDOM_INIT_SEED = 1234
 
 
+class CacheWriteError(CapkitError):
+    """The feature cache could not be written; `errno` says why (ENOSPC, EACCES, ...)."""
+
+    def __init__(self, message: str, hint: str | None = None, error_number: int | None = None):
+        super().__init__(message, hint)
+        self.errno = error_number
+
+
 def image_key(data: bytes) -> str:
     """Cache key of an image: its content, not its name (renames and copies still hit)."""
     return hashlib.sha256(data).hexdigest()[:32]
@@ -45,8 +54,9 @@ class FeatureCache:
     """Append-only float16 feature rows with a key index, read memory-mapped.
 
     Rows are written first and their keys after, both flushed to disk, so a
-    crash or a full disk leaves at worst unindexed bytes, which the next
-    writer cuts off. `get` returns float32 rows divided by `scale`.
+    crash or a full disk leaves at worst rows without keys or a cut-off key
+    line; a failed writer cuts both files back, and every writer first cuts
+    them to the rows that have keys. `get` returns float32 rows divided by `scale`.
     """
 
     def __init__(self, root: Path, dim: int, scale: float = 1.0):
@@ -60,12 +70,14 @@ class FeatureCache:
     def refresh(self) -> None:
         keys: list[str] = []
         if self.index.exists():
+            # One char per byte (ascii, errors replaced), so lengths below are byte offsets.
             text = self.index.read_text(encoding="ascii", errors="replace")
-            keys = [k for k in text.split("\n")[:-1] if k]  # a last line without "\n" was cut short
+            keys = text.split("\n")[:-1]  # a last line without "\n" was cut short
         n_rows = self.rows.stat().st_size // (2 * self.dim) if self.rows.exists() else 0
         keys = keys[:n_rows]
         self._keys = {k: i for i, k in enumerate(keys)}
         self._n = len(keys)
+        self._index_bytes = sum(len(k) + 1 for k in keys)
         self._mmap = None
 
     def __contains__(self, key: str) -> bool:
@@ -85,33 +97,45 @@ class FeatureCache:
     def add(self, keys: list[str], feats: np.ndarray) -> None:
         import fcntl
 
-        self.root.mkdir(parents=True, exist_ok=True)
         rows = np.asarray(feats * self.scale, dtype=np.float16)
         if not np.isfinite(rows).all():
             raise CapkitError("encoder features overflow float16; the encoder's feature scale is wrong")
-        with open(self.root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may extract into one cache
-            self.refresh()
-            good = self._n * 2 * self.dim
-            try:
-                with open(self.rows, "ab") as f:
-                    f.truncate(good)  # drop bytes a crashed writer left unindexed
-                    f.write(rows.tobytes())
-                    f.flush()
-                    os.fsync(f.fileno())
-                with open(self.index, "a", encoding="ascii") as f:
-                    f.write("".join(k + "\n" for k in keys))
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                with open(self.rows, "ab") as f:
-                    f.truncate(good)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may extract into one cache
                 self.refresh()
-                raise CapkitError(
-                    f"{self.root}: cannot write features ({e.strerror or e}); the {self._n} already cached are kept",
-                    hint="free some disk space and run the same command again; it resumes",
-                ) from None
-            self.refresh()
+                n_rows, n_index = self._n * 2 * self.dim, self._index_bytes
+                try:
+                    # Each write first cuts its file to the keyed rows: what a crashed writer left goes.
+                    _append(self.rows, rows.tobytes(), n_rows)
+                    _append(self.index, "".join(k + "\n" for k in keys).encode("ascii"), n_index)
+                except BaseException:  # a full disk or Ctrl-C mid-write: back to the last whole state
+                    for path, size in ((self.index, n_index), (self.rows, n_rows)):
+                        try:
+                            os.truncate(path, size)
+                        except OSError:
+                            pass  # the next writer cuts it
+                    raise
+                finally:
+                    self.refresh()
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise CacheWriteError(
+                f"{self.root}: cannot write features ({e.strerror or e}); the {self._n} already cached are kept",
+                hint="free some disk space and run the same command again; it resumes" if full
+                else "run the same command again once the folder is writable; it resumes",
+                error_number=e.errno,
+            ) from None
+
+
+def _append(path: Path, data: bytes, keep: int) -> None:
+    """Cut `path` to `keep` bytes, append `data` and flush it to disk."""
+    with open(path, "ab") as f:
+        f.truncate(keep)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass
@@ -158,12 +182,18 @@ class Encoder:
         if not (home / ENCODER_FILE).exists():
             from toolkit.pack import atomic_write_text
 
-            home.mkdir(parents=True, exist_ok=True)
-            if identity["source"] != "none":  # random init is rebuilt from its seed
-                tmp = home / (ENCODER_WEIGHTS_FILE + ".tmp.weights.h5")
-                model.save_weights(tmp)
-                os.replace(tmp, home / ENCODER_WEIGHTS_FILE)
-            atomic_write_text(home / ENCODER_FILE, json.dumps(identity, indent=2))
+            try:
+                home.mkdir(parents=True, exist_ok=True)
+                if identity["source"] != "none":  # random init is rebuilt from its seed
+                    tmp = home / (ENCODER_WEIGHTS_FILE + ".tmp.weights.h5")
+                    model.save_weights(tmp)
+                    os.replace(tmp, home / ENCODER_WEIGHTS_FILE)
+                atomic_write_text(home / ENCODER_FILE, json.dumps(identity, indent=2))
+            except OSError as e:
+                raise CapkitError(
+                    f"{packs_dir}: cannot register the encoder there ({e.strerror or e})",
+                    hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write, with free space",
+                ) from None
         return cls(model, config, identity, home)
 
     @classmethod
@@ -177,10 +207,18 @@ class Encoder:
                 f"encoder {encoder_id} is not in {Path(packs_dir) / ENCODERS_DIR}",
                 hint=f"encoders here: {', '.join(have) or 'none'}; rebuild the pack or copy that encoder folder",
             )
-        identity = json.loads(path.read_text())
-        if identity.get("format") != ENCODER_FORMAT:
-            raise CapkitError(f"{path}: format {identity.get('format')!r}, this toolkit reads {ENCODER_FORMAT!r}")
-        config = EncoderConfig(name=identity["name"], image_size=identity["image_size"], weights=identity["source"])
+        try:
+            identity = json.loads(path.read_text(encoding="utf-8"))
+            if identity.get("format") != ENCODER_FORMAT:
+                raise CapkitError(f"{path}: format {identity.get('format')!r}, this toolkit reads {ENCODER_FORMAT!r}")
+            missing = [k for k in ("id", "name", "image_size", "source", "digest", "feature_scale") if k not in identity]
+            if missing:
+                raise CapkitError(f"{path}: encoder file lacks {', '.join(missing)}",
+                                  hint="the folder is damaged; rebuild the pack or copy that encoder folder again")
+            config = EncoderConfig(name=identity["name"], image_size=int(identity["image_size"]), weights=identity["source"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CapkitError(f"{path}: unreadable encoder file ({type(e).__name__}: {e})",
+                              hint="the folder is damaged; rebuild the pack or copy that encoder folder again") from None
         source = "none" if identity["source"] == "none" else str(home / ENCODER_WEIGHTS_FILE)
         model = _build(config, source)
         if _digest(model) != identity["digest"]:
@@ -244,8 +282,8 @@ class Encoder:
                 nxt = next(it, None)
                 if nxt is not None:
                     window.append(pool.submit(work, nxt))
-                if isinstance(result, ImageError):
-                    out.failures[p] = result.message
+                if isinstance(result, ImageError):  # one line per file, its hint included ("raise --max-pixels")
+                    out.failures[p] = result.message + (f" ({result.hint})" if result.hint else "")
                 elif result is None or key in pending:
                     out.keys[p] = key
                     out.n_cached += result is None
@@ -282,10 +320,8 @@ class Encoder:
             try:
                 self.cache.add(keys, feats)
                 return
-            except PermissionError:
-                pass
-            except CapkitError as e:
-                if "Permission denied" not in e.message and "Read-only" not in e.message:
+            except CacheWriteError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
         # The packs dir is read-only (a shared install): keep features for this run only.
         for k, f in zip(keys, feats):

@@ -31,7 +31,10 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            out.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            try:
+                out.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            except OSError as e:
+                raise CapkitError(f"{item}: cannot list the folder ({e.strerror or e})") from None
         elif item.exists():
             out.append(item)
         else:
@@ -66,8 +69,8 @@ def decode_image(data: bytes, size: int, name: str = "<bytes>", max_pixels: int 
         raise
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{name}: unreadable image ({e})") from None
+    except Exception as e:  # damaged files make Pillow raise anything (OverflowError from a bad TIFF tag, ...)
+        raise ImageError(f"{name}: unreadable image ({e or type(e).__name__})") from None
 
 
 def _to_rgb(img):

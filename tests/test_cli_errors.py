@@ -1,0 +1,273 @@
+"""`capkit` on bad input and faults: one `error:` line (and a hint), a non-zero exit, no traceback.
+
+Most cases call `toolkit.cli.main()` in this process (with `sys.argv` set), the
+same function the `capkit` script runs, so exit codes and stderr are the real
+ones without paying a TensorFlow import per case; two subprocess runs check
+the script itself and `--debug`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import encoder_with_cache
+from test_images import BAD, GOOD, MAX_PIXELS, write
+from toolkit.cli import main
+from toolkit.encoder import ENCODERS_DIR, CacheWriteError
+from toolkit.errors import CapkitError
+from toolkit.images import list_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def capkit(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run `capkit ARGS` through main(): (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["capkit", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error(err: str, message: str, hint: str | None = None) -> None:
+    """stderr holds exactly one `error:` line with `message`, the hint if any, and no traceback."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], err
+    if hint:
+        hints = [line for line in err.splitlines() if line.startswith("  hint: ")]
+        assert len(hints) == 1 and hint in hints[0], err
+
+
+@pytest.fixture
+def fast_build(monkeypatch, tiny_encoder):
+    """Encoders of the tests' kind (random init, 71 px) come from the session's model, not a new build.
+
+    The same seed builds the same weights, so identities and digests are those of a real build.
+    """
+    import toolkit.encoder
+
+    real = toolkit.encoder._build
+
+    def build(config, weights):
+        if weights == "none" and config.image_size == 71:
+            return tiny_encoder.model
+        return real(config, weights)
+
+    monkeypatch.setattr(toolkit.encoder, "_build", build)
+
+
+def error_cases(tmp: Path, data: dict, packs: Path) -> dict:
+    """name -> (argv, message, hint or None); `tmp` is the test's own folder."""
+    blocker = tmp / "a-file"
+    blocker.write_text("not a folder")
+    splits = ["--train-split", data["train"], "--dev-split", data["dev"]]
+
+    def build(captions=data["captions_en"], images=data["images"], packs_dir=tmp / "packs"):
+        return ["build-pack", "en", "--captions", captions, "--images", images, *splits, "--packs-dir", packs_dir,
+                "--source-lang", "en", "--encoder-weights", "none", "--image-size", "71"]
+
+    caption = ["caption", data["images"], "--packs-dir", packs]
+    return {
+        "invalid language code": ([*caption, "--lang", "EN!"], "'EN!' is not a language code", "ISO 639-1"),
+        "language the translator lacks": (
+            ["translate", "--captions", data["captions_en"], "--lang", "qq", "--translator", "google",
+             "-o", tmp / "out.txt", "--packs-dir", tmp / "packs"],
+            "google does not support language code 'qq'", "google accepts"),
+        "pack not installed": ([*caption, "--lang", "fr"], "no 'fr' pack", "installed: en, zh"),
+        "beam 0": ([*caption, "--lang", "en", "--beam", "0"], "--beam must be at least 1, not 0", None),
+        "beam 0 in build-pack": ([*build(), "--beam", "0"], "--beam must be at least 1, not 0", None),
+        "zero epochs": ([*build(), "--epochs", "0"], "--epochs must be at least 1, not 0", None),
+        "negative epochs": ([*build(), "--epochs", "-3"], "--epochs must be at least 1, not -3", None),
+        "negative batch size": ([*build(), "--batch-size", "-1"], "--batch-size must be at least 1", None),
+        "dropout of 1": ([*build(), "--dropout", "1"], "--dropout must be in [0, 1)", None),
+        "zero pixel limit": ([*caption, "--lang", "en", "--max-pixels", "0"], "--max-pixels must be at least 1", None),
+        "packs dir not writable": (build(packs_dir=blocker / "packs"), "packs folder is not writable", "--packs-dir"),
+        "missing captions file": (build(captions=tmp / "captions.txt"), f"{tmp / 'captions.txt'}: no such file", None),
+        "missing images folder": (build(images=tmp / "photos"), f"{tmp / 'photos'}: not a folder of images", None),
+        "missing image to caption": (["caption", tmp / "photo.jpg", "--lang", "en", "--packs-dir", packs],
+                                     f"{tmp / 'photo.jpg'}: no such file or folder", None),
+        "missing folder to encode": (["encode", "--images", tmp / "photos", "--packs-dir", tmp / "packs"],
+                                     f"{tmp / 'photos'}: no such file or folder", None),
+    }
+
+
+def _case_names() -> list[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        fake = {k: Path(d) / k for k in ("captions_en", "images", "train", "dev")}
+        return list(error_cases(Path(d), fake, Path(d)))
+
+
+@pytest.mark.parametrize("case", _case_names())
+def test_user_errors_are_one_line_with_a_hint(case, tmp_path, tiny_dataset, tiny_packs, monkeypatch, capsys):
+    argv, message, hint = error_cases(tmp_path, tiny_dataset, tiny_packs)[case]
+    code, out, err = capkit(monkeypatch, capsys, *argv)
+    assert code == 2, err
+    one_error(err, message, hint)
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_dataset, tiny_packs, monkeypatch, capsys):
+    argv, message, _ = error_cases(tmp_path, tiny_dataset, tiny_packs)["pack not installed"]
+    monkeypatch.setattr(sys, "argv", ["capkit", "--debug", *map(str, argv)])
+    with pytest.raises(CapkitError, match=message):
+        main()
+
+
+def test_encoder_in_an_unwritable_packs_dir(tmp_path, tiny_dataset, fast_build, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    code, out, err = capkit(monkeypatch, capsys, "encode", "--images", tiny_dataset["images"], "--encoder-weights", "none",
+                            "--image-size", "71", "--packs-dir", tmp_path / "a-file" / "packs")
+    assert code == 2
+    one_error(err, "cannot register the encoder there (Not a directory)", "--packs-dir")
+
+
+def test_usage_errors_show_usage_without_traceback(monkeypatch, capsys):
+    code, out, err = capkit(monkeypatch, capsys, "caption", "x.jpg", "--lang", "en", "--bogus")
+    assert code == 2 and "No such option" in err and "Usage:" in err and "Traceback" not in err
+
+
+# -- one bad file among many: reported once, the rest done and cached, exit 1 ------
+
+
+def mixed_folder(tmp_path: Path, monkeypatch) -> tuple[Path, set[str], set[str]]:
+    """GOOD and BAD images of test_images in one folder, plus one the user may not read."""
+    from test_images import JPEG, deny
+
+    folder = tmp_path / "mixed"
+    good = write(folder, GOOD)
+    bad = write(folder, BAD)
+    (folder / "locked.jpg").write_bytes(JPEG)
+    deny(monkeypatch, "locked.jpg")
+    return folder, {str(p) for p in good.values()}, {str(p) for p in bad.values()} | {str(folder / "locked.jpg")}
+
+
+def skipped_once_each(err: str, bad: set[str]) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("skipped: ")]
+    assert len(lines) == len(bad), err
+    for path in bad:
+        assert sum(line.startswith(f"skipped: {path}: ") for line in lines) == 1, (path, err)
+    assert f"{len(bad)} image(s) skipped; the others are done" in err
+    assert "Traceback" not in err
+
+
+def test_caption_a_folder_with_bad_files(tmp_path, tiny_packs, tiny_encoder, fast_build, monkeypatch, capsys):
+    packs = tmp_path / "packs"
+    shutil.copytree(tiny_packs, packs)
+    folder, good, bad = mixed_folder(tmp_path, monkeypatch)
+    code, out, err = capkit(monkeypatch, capsys, "caption", folder, "--lang", "en", "--max-pixels", MAX_PIXELS,
+                            "--packs-dir", packs)
+    assert code == 1
+    skipped_once_each(err, bad)
+    captioned = [line.split("\t")[0] for line in out.splitlines()]
+    assert len(captioned) == len(good)
+    assert str(folder / "café_猫.jpg") in captioned
+    assert str(folder / "caf\ufffd.png") in captioned  # a name that is not UTF-8, shown as it can be
+
+    # Everything readable was cached: a second pass extracts nothing.
+    (home,) = (packs / ENCODERS_DIR).iterdir()
+    again = encoder_with_cache(tiny_encoder, home).extract(list_images([folder]), max_pixels=MAX_PIXELS)
+    assert (again.n_extracted, again.n_cached) == (0, len(good))
+    assert set(again.failures) == bad
+
+
+def test_encode_a_folder_with_bad_files(tmp_path, fast_build, monkeypatch, capsys):
+    folder, good, bad = mixed_folder(tmp_path, monkeypatch)
+    argv = ["encode", "--images", folder, "--encoder-weights", "none", "--image-size", "71", "--batch-size", "4",
+            "--max-pixels", MAX_PIXELS, "--packs-dir", tmp_path / "packs"]
+    code, out, err = capkit(monkeypatch, capsys, *argv)
+    assert code == 1
+    skipped_once_each(err, bad)
+    assert f": {len(good)} images extracted" in out and f"{len(bad)} skipped" in out
+
+    code, out, err = capkit(monkeypatch, capsys, *argv)
+    assert code == 1
+    assert ": 0 images extracted" in out and f"{len(good)} from cache" in out
+
+
+# -- Ctrl-C and faults reaching main() -----------------------------------------------
+
+
+def raising(exc):
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
+@pytest.mark.parametrize("command", ["caption", "build-pack"])
+def test_ctrl_c_exits_130_and_says_how_to_resume(command, tmp_path, tiny_dataset, monkeypatch, capsys):
+    import toolkit.pipeline
+
+    monkeypatch.setattr(toolkit.pipeline, {"caption": "caption_images", "build-pack": "build_pack"}[command],
+                        raising(KeyboardInterrupt()))
+    argv = {
+        "caption": ["caption", tiny_dataset["images"], "--lang", "en", "--packs-dir", tmp_path],
+        "build-pack": ["build-pack", "en", "--captions", tiny_dataset["captions_en"], "--images", tiny_dataset["images"],
+                       "--splits", tiny_dataset["train"].parent, "--packs-dir", tmp_path],
+    }[command]
+    code, out, err = capkit(monkeypatch, capsys, *argv)
+    assert code == 130
+    assert "interrupted" in err and "run the same command to resume" in err and "Traceback" not in err
+
+
+# (what the library raised, exit code, message, hint)
+FAULTS = {
+    "cache disk full": (CacheWriteError("packs/.encoders/x/features: cannot write features (No space left on device)",
+                                        hint="free some disk space and run the same command again; it resumes",
+                                        error_number=errno.ENOSPC),
+                        2, "cannot write features (No space left on device)", "free some disk space"),
+    "disk full elsewhere": (OSError(errno.ENOSPC, "No space left on device", "packs/.work/en/ckpt.h5"),
+                            1, "packs/.work/en/ckpt.h5: No space left on device", "free some disk space"),
+    "permission": (PermissionError(errno.EACCES, "Permission denied", "packs/en"),
+                   1, "packs/en: Permission denied", "--debug"),
+    "a bug": (ZeroDivisionError("division by zero"), 1, "unexpected ZeroDivisionError: division by zero", "report"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_faults_become_messages(fault, tiny_dataset, tmp_path, monkeypatch, capsys):
+    import toolkit.pipeline
+
+    exc, want_code, message, hint = FAULTS[fault]
+    monkeypatch.setattr(toolkit.pipeline, "caption_images", raising(exc))
+    argv = ["caption", tiny_dataset["images"], "--lang", "en", "--packs-dir", tmp_path]
+    code, out, err = capkit(monkeypatch, capsys, *argv)
+    assert code == want_code
+    one_error(err, message, hint)
+
+    monkeypatch.setattr(sys, "argv", ["capkit", "--debug", *map(str, argv)])
+    with pytest.raises(type(exc)):
+        main()
+
+
+# -- the installed script itself -------------------------------------------------------
+
+
+def run_capkit(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    return subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_script_exit_code_and_stderr(tmp_path):
+    # Fails before TensorFlow is imported: a fast subprocess.
+    p = run_capkit("caption", tmp_path, "--lang", "en", "--beam", "0", "--packs-dir", tmp_path)
+    assert p.returncode == 2
+    assert p.stderr == "error: --beam must be at least 1, not 0\n"
+    assert p.stdout == ""
+
+    p = run_capkit("--debug", "caption", tmp_path, "--lang", "en", "--beam", "0", "--packs-dir", tmp_path)
+    assert p.returncode != 0
+    assert "Traceback" in p.stderr and "CapkitError: --beam must be at least 1" in p.stderr
