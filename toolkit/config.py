@@ -46,6 +46,7 @@ class TrainConfig:
     patience: int = 3           # epochs without dev-loss improvement before stopping
     seed: int = 0               # shuffling and initialisation
     label_smoothing: float = 0.0  # on the token cross-entropy
+    strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs), multiworker (TF_CONFIG)
 
 
 def from_dict(cls, data: dict):

@@ -29,6 +29,8 @@ import keras  # noqa: E402
 CHECKPOINT_STATE_FILE = "state.json"
 CHECKPOINT_LAST_FILE = "last.weights.h5"
 CHECKPOINT_BEST_FILE = "best.weights.h5"
+STRATEGIES = ("default", "mirrored", "multiworker")
+MIXED_PRECISION_POLICY = "mixed_float16"  # on a GPU; logits and loss stay float32
 
 
 class CaptionDecoder(keras.Model):
@@ -50,7 +52,7 @@ class CaptionDecoder(keras.Model):
         self.emb_drop = keras.layers.Dropout(c.dropout)
         self.lstm = keras.layers.LSTM(c.units, return_sequences=True, return_state=True)
         self.out_drop = keras.layers.Dropout(c.dropout)
-        self.head = keras.layers.Dense(c.vocab_size)
+        self.head = keras.layers.Dense(c.vocab_size, dtype="float32")  # float32 logits under mixed precision
 
     def initial_state(self, features, training=False):
         x = self.feat_drop(self.norm(features), training=training)
@@ -65,9 +67,10 @@ class CaptionDecoder(keras.Model):
 
     def step(self, tokens, h, c):
         """One token per row -> (log-probabilities of the next token, h, c)."""
-        x = self.embed(tokens[:, None])
-        y, h, c = self.lstm(x, initial_state=[h, c])
-        return tf.nn.log_softmax(self.head(y[:, 0])), h, c
+        # The cell alone: one token needs no loop over time (the layer would build one per call).
+        # Looked up directly: the layer would attach its padding mask, which the cell cannot take.
+        y, (h, c) = self.lstm.cell(tf.gather(self.embed.embeddings, tokens), [h, c])
+        return tf.nn.log_softmax(tf.cast(self.head(y), tf.float32)), h, c
 
     def build_all(self, feature_dim: int) -> "CaptionDecoder":
         """Create every weight (needed before load_weights)."""
@@ -75,6 +78,16 @@ class CaptionDecoder(keras.Model):
             self.norm.build((None, feature_dim))
         self((np.zeros((1, feature_dim), np.float32), np.full((1, 2), BOS_ID, np.int32)))
         return self
+
+
+def save_decoder(model: CaptionDecoder, path: Path) -> None:
+    """Weights only, without optimizer state (Keras would add Adam's two moments: 3x the size).
+
+    The inverse is `load_decoder(config, path)`.
+    """
+    clean = CaptionDecoder(model.config).build_all(model.config.feature_dim)
+    clean.set_weights(model.get_weights())
+    _save_weights(clean, Path(path))
 
 
 def load_decoder(config: DecoderConfig, weights: Path) -> CaptionDecoder:
@@ -106,7 +119,8 @@ class Sequences:
         return self.image_index.astype(np.int32), inp, tgt
 
 
-def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int):
+def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int,
+             shard_by_data: bool = False):
     idx, inp, tgt = seqs.arrays(cfg.max_length)
     feats = tf.constant(features, tf.float32)
     ds = tf.data.Dataset.from_tensor_slices((idx, inp, tgt))
@@ -118,7 +132,49 @@ def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: i
         t = tf.reduce_max(tf.reduce_sum(tf.cast(x != PAD_ID, tf.int32), axis=1))
         return (tf.gather(feats, i), x[:, :t]), y[:, :t]
 
-    return ds.batch(batch).map(assemble, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+    ds = ds.batch(batch).map(assemble, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+    if shard_by_data:  # in-memory data has no files to shard by: each worker takes its share of every batch
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        ds = ds.with_options(options)
+    return ds
+
+
+_strategies: dict[str, object] = {}
+
+
+def distribution_strategy(name: str = "default"):
+    """The `tf.distribute` strategy `name` selects, created once per process.
+
+    "mirrored": every local GPU, else every logical CPU device (one on a plain
+    machine; tests split the CPU in two); "multiworker": the cluster in
+    `TF_CONFIG`. TensorFlow wants collective strategies created before any
+    other op runs, so `build_pack` calls this before extracting features.
+    """
+    if name not in STRATEGIES:
+        raise CapkitError(f"unknown strategy {name!r}", hint=f"use one of {', '.join(STRATEGIES)}")
+    if name not in _strategies:
+        if name == "mirrored":
+            devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+            _strategies[name] = tf.distribute.MirroredStrategy([d.name for d in devices])
+        elif name == "multiworker":
+            _strategies[name] = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            _strategies[name] = tf.distribute.get_strategy()
+    return _strategies[name]
+
+
+def _mixed_precision_wanted() -> bool:
+    """float16 pays on GPUs (tensor cores); on CPUs it is slower, so only there."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
 
 
 class _Checkpoints(keras.callbacks.Callback):
@@ -178,35 +234,57 @@ def train_decoder(
 
     `checkpoint_dir` keeps the last and best weights and the epoch reached; a
     call with the same folder resumes (optimizer moments start afresh).
+    The model is built and compiled under `train_config.strategy` (see
+    `distribution_strategy`), in mixed precision where a GPU is present; the
+    model returned is always a plain float32 one, ready for inference.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    strategy = distribution_strategy(train_config.strategy)
+    if not _is_chief(strategy):  # every worker saves (collectively), only the chief into the real folder
+        checkpoint_dir = checkpoint_dir / f".worker-{strategy.cluster_resolver.task_id}"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_config.seed)
-    model = CaptionDecoder(config)
-    model.norm.adapt(train_features)  # statistics of the train split, stored with the weights
-    model.build_all(config.feature_dim)
+    mixed = _mixed_precision_wanted()
+    policy = keras.config.dtype_policy()
+    with strategy.scope():
+        if mixed:  # layers take the policy when built; the float32 head keeps logits and loss in float32
+            keras.config.set_dtype_policy(MIXED_PRECISION_POLICY)
+        try:
+            model = CaptionDecoder(config)
+            model.norm.adapt(train_features)  # statistics of the train split, stored with the weights
+            model.build_all(config.feature_dim)
+        finally:
+            keras.config.set_dtype_policy(policy)
 
-    state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
-    state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
-             "lr": train_config.learning_rate, "history": []}
-    if state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists():
-        state = json.loads(state_path.read_text())
-        model.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
-    model.compile(
-        optimizer=keras.optimizers.Adam(state["lr"], clipnorm=5.0),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
-    )
+        state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
+        state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
+                 "lr": train_config.learning_rate, "history": []}
+        if state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists():
+            state = json.loads(state_path.read_text())
+            model.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
+        model.compile(  # under mixed_float16 Keras wraps Adam in a LossScaleOptimizer
+            optimizer=keras.optimizers.Adam(state["lr"], clipnorm=5.0),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
+        )
     done = state["epoch"] >= train_config.epochs or state["wait"] >= train_config.patience
     if not done:
+        shard = train_config.strategy == "multiworker"
         model.fit(
-            _dataset(train_features, train, config, train_config.batch_size, True, train_config.seed),
-            validation_data=_dataset(dev_features, dev, config, 256, False, 0) if len(dev.tokens) else None,
+            _dataset(train_features, train, config, train_config.batch_size, True, train_config.seed, shard),
+            validation_data=_dataset(dev_features, dev, config, 256, False, 0, shard) if len(dev.tokens) else None,
             epochs=train_config.epochs,
             initial_epoch=state["epoch"],
             callbacks=[_Checkpoints(checkpoint_dir, state, train_config.patience, progress)],
             shuffle=False,  # the dataset shuffles itself, reproducibly by seed
             verbose=0,
         )
-    if (checkpoint_dir / CHECKPOINT_BEST_FILE).exists():
-        model.load_weights(checkpoint_dir / CHECKPOINT_BEST_FILE)
+    best = checkpoint_dir / CHECKPOINT_BEST_FILE
+    if mixed or train_config.strategy != "default":
+        # Distributed or float16 variables are for training; inference gets plain float32 ones.
+        if not best.exists():
+            best = checkpoint_dir / CHECKPOINT_LAST_FILE
+            _save_weights(model, best)
+        return load_decoder(config, best), state
+    if best.exists():
+        model.load_weights(best)
     return model, state

@@ -30,6 +30,7 @@ class KerasStepModel:
         import tensorflow as tf
 
         self.decoder = decoder
+        self._searches: dict[tuple, object] = {}  # compiled whole searches, by setting
         units = decoder.config.units
         fdim = decoder.config.feature_dim
         self._init = tf.function(
@@ -49,6 +50,17 @@ class KerasStepModel:
     def step(self, tokens, state):
         logp, h, c = self._step(np.asarray(tokens, np.int32), *state)
         return logp.numpy(), (h.numpy(), c.numpy())
+
+    def search(self, features, bos, eos, beam=3, max_length=40, length_penalty=0.0, no_repeat_ngram=0):
+        """The whole search as one compiled call (see `beam_search_tf`); ids without BOS/EOS."""
+        features = np.asarray(features, np.float32)
+        if len(features) == 0:
+            return []
+        key = (int(bos), int(eos), max(1, int(beam)), int(max_length), float(length_penalty), int(no_repeat_ngram))
+        if key not in self._searches:
+            self._searches[key] = _compiled_search(self.decoder, *key)
+        ids, lengths = self._searches[key](features)
+        return [row[:n].tolist() for row, n in zip(ids.numpy(), lengths.numpy())]
 
 
 def greedy(model: StepModel, features: np.ndarray, bos: int, eos: int, max_length: int = 40) -> list[list[int]]:
@@ -134,3 +146,116 @@ def _ban_repeats(logp: np.ndarray, seqs: np.ndarray, n: int, finished: np.ndarra
         for i in range(len(seq) - n + 1):
             if tuple(seq[i : i + n - 1]) == prefix:
                 logp[r, seq[i + n - 1]] = -np.inf
+
+
+# -- compiled search --------------------------------------------------------------
+# The same algorithm as `beam_search`, as one TensorFlow graph per search setting:
+# a tf.while_loop over steps carrying (h, c), all images x beams in one batch.
+# Scores are float64 like the numpy reference, so both pick the same ids.
+
+
+def greedy_tf(decoder, features: np.ndarray, bos: int, eos: int, max_length: int = 40,
+              no_repeat_ngram: int = 0) -> list[list[int]]:
+    """`greedy` as one compiled TensorFlow loop over a `CaptionDecoder`; ids without BOS/EOS."""
+    return beam_search_tf(decoder, features, bos, eos, beam=1, max_length=max_length, no_repeat_ngram=no_repeat_ngram)
+
+
+def beam_search_tf(
+    decoder,
+    features: np.ndarray,
+    bos: int,
+    eos: int,
+    beam: int = 3,
+    max_length: int = 40,
+    length_penalty: float = 0.0,
+    no_repeat_ngram: int = 0,
+) -> list[list[int]]:
+    """`beam_search` as one compiled TensorFlow loop; same arguments, same ids.
+
+    `decoder` is a `CaptionDecoder` (anything with `initial_state(f)` and
+    `step(tokens, h, c)`) or a `KerasStepModel` wrapping one. One graph is
+    traced per (beam, max_length, length_penalty, no_repeat_ngram, bos, eos)
+    and reused for any number of images.
+
+    >>> beam_search_tf(decoder, feats, BOS_ID, EOS_ID, beam=3)
+    [[12, 7, 40], [9, 33]]
+    """
+    step = decoder if isinstance(decoder, KerasStepModel) else KerasStepModel(decoder)
+    return step.search(features, bos, eos, beam, max_length, length_penalty, no_repeat_ngram)
+
+
+def _compiled_search(decoder, bos: int, eos: int, K: int, L: int, length_penalty: float, n_gram: int):
+    """A tf.function features (n, d) -> (ids (n, L) int32, lengths (n,) int32) for one search setting."""
+    import tensorflow as tf
+
+    fdim = decoder.config.feature_dim
+    V = decoder.config.vocab_size
+    NEG = tf.constant(-np.inf, tf.float64)
+
+    def ban_repeats(logp, seqs, t, finished):
+        # Tokens that would complete an n-gram already in the row: windows i of
+        # seqs[:, i:i+n-1] equal to the last n-1 tokens ban the token at i+n-1.
+        W = L - n_gram + 1
+        if W <= 0:
+            return logp
+        i = tf.range(W)
+        match = tf.broadcast_to(i[None, :] <= t - n_gram, tf.shape(seqs[:, :W]))
+        for j in range(n_gram - 1):
+            last = tf.gather(seqs, tf.maximum(t - n_gram + 1 + j, 0), axis=1)
+            match &= tf.equal(seqs[:, j : j + W], last[:, None])
+        match &= ~finished[:, None]
+        R = tf.shape(seqs)[0]
+        rows = tf.broadcast_to(tf.range(R)[:, None], [R, W])
+        idx = tf.stack([rows, seqs[:, n_gram - 1 : n_gram - 1 + W]], axis=-1)
+        banned = tf.scatter_nd(tf.reshape(idx, [-1, 2]), tf.reshape(tf.cast(match, tf.int32), [-1]), [R, V]) > 0
+        logp = tf.where(banned, NEG, logp)
+        # Every word banned: end the caption rather than emit garbage.
+        dead = tf.reduce_all(tf.math.is_inf(logp) & (logp < 0), axis=1)
+        return tf.where(dead[:, None] & tf.equal(tf.range(V), eos)[None, :], tf.constant(-1e9, tf.float64), logp)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, fdim], tf.float32)])
+    def search(features):
+        n = tf.shape(features)[0]
+        R = n * K
+        h, c = decoder.initial_state(features)
+        h, c = tf.repeat(h, K, axis=0), tf.repeat(c, K, axis=0)
+        first = tf.one_hot(0, K, on_value=0.0, off_value=-np.inf, dtype=tf.float64)  # expand only beam 0
+        scores = tf.reshape(tf.tile(first[None], [n, 1]), [-1])
+        seqs = tf.zeros([R, L], tf.int32)
+        finished = tf.zeros([R], tf.bool)
+        tokens = tf.fill([R], bos)
+        eos_only = tf.where(tf.equal(tf.range(V), eos), tf.constant(0.0, tf.float64), NEG)
+        offsets = tf.repeat(tf.range(n) * K, K)
+
+        def body(t, h, c, scores, seqs, finished, tokens):
+            logp, h, c = decoder.step(tokens, h, c)
+            logp = tf.cast(logp, tf.float64)
+            if n_gram > 0:
+                logp = ban_repeats(logp, seqs, t, finished)
+            logp = tf.where(finished[:, None], eos_only[None, :], logp)
+            cand = tf.reshape(scores[:, None] + logp, [n, K * V])
+            top_scores, top = tf.math.top_k(cand, k=K, sorted=True)
+            tok = tf.reshape(top % V, [-1])
+            scores = tf.reshape(top_scores, [-1])
+            if K > 1:  # beams reorder: every row follows its source
+                src = tf.reshape(top // V, [-1]) + offsets
+                h, c = tf.gather(h, src), tf.gather(c, src)
+                seqs, finished = tf.gather(seqs, src), tf.gather(finished, src)
+            seqs = tf.where(tf.equal(tf.range(L), t)[None, :], tok[:, None], seqs)
+            finished = finished | tf.equal(tok, eos)
+            return t + 1, h, c, scores, seqs, finished, tok
+
+        def cond(t, h, c, scores, seqs, finished, tokens):
+            return (t < L) & ~tf.reduce_all(finished)
+
+        t, _, _, scores, seqs, _, _ = tf.while_loop(
+            cond, body, (tf.constant(0), h, c, scores, seqs, finished, tokens), maximum_iterations=L)
+        is_eos = tf.equal(seqs, eos) & (tf.range(L)[None, :] < t)
+        lengths = tf.where(tf.reduce_any(is_eos, axis=1), tf.argmax(tf.cast(is_eos, tf.int32), axis=1, output_type=tf.int32), t)
+        if length_penalty:
+            norm = tf.cast(lengths + 1, tf.float64) ** tf.constant(length_penalty, tf.float64)
+            scores = scores / norm
+        best = tf.argmax(tf.reshape(scores, [n, K]), axis=1, output_type=tf.int32) + tf.range(n) * K
+        return tf.gather(seqs, best), tf.gather(lengths, best)
+
+    return search
