@@ -60,6 +60,9 @@ class _Progress:
                 self.bar = tqdm(total=f["total"], desc=f["stage"], unit="img" if f["stage"] == "encode" else "cap",
                                 file=sys.stderr, leave=False, dynamic_ncols=True)
             self.bar.update(f["done"] - self.bar.n)
+            counts = {k: f[k] for k in ("cached", "sent", "failed") if k in f}
+            if counts:
+                self.bar.set_postfix(counts, refresh=False)
         elif kind == "epoch" and not self.quiet:
             typer.echo(f"  epoch {f['epoch']:3d}  loss {f['loss']:.3f}  dev loss {f['val_loss']:.3f}  "
                        f"lr {f['lr']:.2g}  {f['seconds']:.1f}s", err=True)
@@ -261,6 +264,12 @@ def evaluate(
         rows = [_bleu_from_dict(r) for r in results]
         base = {r["lang"]: {k: _bleu_from_dict(v) for k, v in r["baselines"].items()} for r in results}
         typer.echo(format_table(rows, base))
+        for r in results:
+            for name, b in r["baselines"].items():
+                if "vs_pack" in b:
+                    lo, hi = b["vs_pack"]["delta_bleu4_ci"]
+                    typer.echo(f"{r['lang']}: pack - {name} BLEU-4 = {r['bleu4'] - b['bleu4']:+.1f} (95% CI {lo:+.1f} to {hi:+.1f}); "
+                               f"pack better in {100 * b['vs_pack']['p_pack_better']:.1f}% of {bootstrap} paired resamples")
 
 
 @app.command("report")
@@ -319,7 +328,7 @@ def translate(
         cache_path=cache or _packs_dir(packs_dir) / CACHE_DIR / TRANSLATION_CACHE_FILE,
         url=translator_url, api_key=api_key, concurrency=concurrency, rate_limit=rate_limit,
         allow_partial=allow_partial,
-        progress=lambda d: progress("progress", stage="translate", done=d["done"], total=d["total"]),
+        progress=lambda d: progress("progress", stage="translate", **d),
     )
     progress._close()
     failed = set(rep.failed)
@@ -369,7 +378,7 @@ def packs_list(packs_dir: Optional[Path] = PacksDir):
     if not packs:
         typer.echo(f"no packs in {pd}")
         return
-    typer.echo(f"{'lang':6} {'version':9} {'size':>8} {'BLEU-4':>7}  {'encoder':28} created")
+    typer.echo(f"{'lang':6} {'name':14} {'version':9} {'size':>8} {'BLEU-4':>7}  {'encoder':28} created")
     for lang, folder in packs.items():
         try:
             m = load_manifest(folder)
@@ -379,7 +388,7 @@ def packs_list(packs_dir: Optional[Path] = PacksDir):
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         s = m["scores"].get("test") or m["scores"].get("dev") or {}
         b4 = f"{s['model']['bleu4']:.1f}" if s else "-"
-        typer.echo(f"{lang:6} {m['pack_version']:9} {size / 1e6:7.1f}M {b4:>7}  {m['encoder']['id']:28} {m['created']}")
+        typer.echo(f"{lang:6} {m['name']:14} {m['pack_version']:9} {size / 1e6:7.1f}M {b4:>7}  {m['encoder']['id']:28} {m['created']}")
 
 
 @packs_app.command("info")

@@ -99,6 +99,9 @@ def build_pack(
     enc_cfg = encoder_config or EncoderConfig()
     dec_cfg = decoder_config or DecoderConfig()
     tr_cfg = train_config or TrainConfig()
+    from toolkit.decoder import distribution_strategy
+
+    distribution_strategy(tr_cfg.strategy)  # checks the name; collective strategies must exist before TF runs an op
     packs_dir = Path(packs_dir)
     images_dir = Path(images_dir)
     started = time.perf_counter()
@@ -144,7 +147,7 @@ def build_pack(
         translated, trep = translate_captions(
             used, source=source_lang, target=lang, translator=translator,
             cache_path=packs_dir / CACHE_DIR / TRANSLATION_CACHE_FILE,
-            progress=lambda d: report("progress", stage="translate", done=d["done"], total=d["total"]),
+            progress=lambda d: report("progress", stage="translate", **d),
             **(translator_options or {}),
         )
         translator_used = translator
@@ -196,7 +199,9 @@ def build_pack(
     train_f, train_s = sequences("train")
     dev_f, dev_s = sequences("dev")
     run_key = hashlib.sha256(json.dumps(
-        [lang, asdict(dec_cfg), asdict(tr_cfg), encoder.id, sorted(present["train"]), train_texts[:50]], sort_keys=True
+        # Without the strategy: a run interrupted on GPUs may resume on a CPU, the weights are the same.
+        [lang, asdict(dec_cfg), {k: v for k, v in asdict(tr_cfg).items() if k != "strategy"}, encoder.id,
+         sorted(present["train"]), train_texts[:50]], sort_keys=True
     ).encode()).hexdigest()[:12]
     work = packs_dir / WORK_DIR / f"{lang}-{run_key}"
     t0 = time.perf_counter()
@@ -206,7 +211,7 @@ def build_pack(
 
     # 6. Scores on dev (and test), with the reference points beside them.
     report("stage", name="score")
-    from toolkit.generate import KerasStepModel, beam_search
+    from toolkit.generate import KerasStepModel
 
     step = KerasStepModel(model)
     scores = {}
@@ -215,7 +220,7 @@ def build_pack(
         if not names:
             continue
         feats = encoder.features([key_of[n] for n in names])
-        ids = beam_search(step, feats, BOS_ID, EOS_ID, beam=beam, max_length=dec_cfg.max_length)
+        ids = beam_search_batched(step, feats, BOS_ID, EOS_ID, beam, dec_cfg.max_length)
         hyps = dict(zip(names, tokenizer.decode(ids)))
         refs = {n: texts[n] for n in names}
         scores[split] = _score_with_baselines(hyps, refs, lang, feats, train_f, present["train"], texts, pack_version, beam)
@@ -227,9 +232,9 @@ def build_pack(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     tokenizer.save(staging / TOKENIZER_FILE)
-    tmp = staging / "decoder.tmp.weights.h5"
-    model.save_weights(tmp)
-    tmp.rename(staging / DECODER_WEIGHTS_FILE)
+    from toolkit.decoder import save_decoder
+
+    save_decoder(model, staging / DECODER_WEIGHTS_FILE)
     write_captions(staging / CAPTIONS_FILE, [c for c in translated if c.image in set(present["train"])])
     eval_names = set(present.get("dev", [])) | set(present.get("test", []))
     write_captions(staging / REFERENCES_FILE, [c for c in translated if c.image in eval_names])
@@ -438,13 +443,17 @@ def caption_images(
 
 
 def beam_search_batched(step, feats, bos, eos, beam, max_length, length_penalty=0.0, no_repeat_ngram=0, batch=64):
-    """Beam search in chunks of `batch` images, so memory stays flat on big folders."""
+    """Beam search in chunks of `batch` images, so memory stays flat on big folders.
+
+    A `KerasStepModel` runs the compiled search (one TensorFlow call per
+    chunk); any other `StepModel` the numpy reference, which picks the same ids.
+    """
     from toolkit.generate import beam_search
 
+    search = getattr(step, "search", None) or (lambda f, *a: beam_search(step, f, *a))
     out = []
     for i in range(0, len(feats), batch):
-        out += beam_search(step, feats[i : i + batch], bos, eos, beam=beam, max_length=max_length,
-                           length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
+        out += search(feats[i : i + batch], bos, eos, beam, max_length, length_penalty, no_repeat_ngram)
     return out
 
 
@@ -492,6 +501,8 @@ def evaluate_packs(
         encoder = encoders[eid]
         ex = encoder.extract([images_dir / n for n in names],
                              progress=lambda d, t: report("progress", stage="encode", done=d, total=t))
+        for msg in ex.failures.values():
+            report("warning", message=f"{msg}; not scored")
         names = [n for n in names if str(images_dir / n) in ex.keys]
         feats = encoder.features([ex.keys[str(images_dir / n)] for n in names])
         pack = load_pack(packs_dir, lang, eid)
@@ -501,6 +512,7 @@ def evaluate_packs(
         res = corpus_bleu_scores(hyps, refs, lang, bootstrap=bootstrap, pack_version=m["pack_version"]).to_dict()
         res.update(beam=beam, system="pack")
         entry = {"lang": lang, **res, "baselines": {}}
+        baseline_captions: dict[str, dict[str, str]] = {}
         if baselines:
             train_texts = group_by_image(read_captions(folder / CAPTIONS_FILE).captions)
             const = most_frequent_caption([t for ts in train_texts.values() for t in ts])
@@ -514,8 +526,17 @@ def evaluate_packs(
                 nn = nearest_neighbour_captions(feats, tf_, [train_texts[n][0] for n in tnames])
                 entry["baselines"]["retrieval"] = corpus_bleu_scores(dict(zip(names, nn)), refs, lang,
                                                                      bootstrap=bootstrap, pack_version=m["pack_version"]).to_dict()
+                baseline_captions["retrieval"] = dict(zip(names, nn))
             else:
                 report("warning", message=f"{lang}: the pack's train images are not in {images_dir}; no retrieval baseline")
+            if bootstrap:
+                # Paired over the same resampled images: is the pack really better than each baseline?
+                from toolkit.evaluate import paired_bootstrap
+
+                baseline_captions["constant"] = {n: const for n in names}
+                for name, caps in baseline_captions.items():
+                    pb = paired_bootstrap(hyps, caps, refs, lang, n=bootstrap)
+                    entry["baselines"][name]["vs_pack"] = {"p_pack_better": pb["p_a_better"], "delta_bleu4_ci": pb["delta_ci"]}
         entry["captions"] = hyps
         results.append(entry)
     return results
