@@ -233,7 +233,7 @@ def train_decoder(
     """Train with teacher forcing and early stopping on dev loss; returns the best model and the run's state.
 
     `checkpoint_dir` keeps the last and best weights and the epoch reached; a
-    call with the same folder resumes (optimizer moments start afresh).
+    call with the same folder resumes where it stopped, optimizer state included.
     The model is built and compiled under `train_config.strategy` (see
     `distribution_strategy`), in mixed precision where a GPU is present; the
     model returned is always a plain float32 one, ready for inference.
@@ -259,13 +259,17 @@ def train_decoder(
         state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
         state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
                  "lr": train_config.learning_rate, "history": []}
-        if state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists():
+        resume = state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists()
+        if resume:
             state = json.loads(state_path.read_text())
-            model.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
         model.compile(  # under mixed_float16 Keras wraps Adam in a LossScaleOptimizer
             optimizer=keras.optimizers.Adam(state["lr"], clipnorm=5.0),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
         )
+        if resume:
+            # Build the optimizer first so the checkpoint restores Adam's moments too.
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
     done = state["epoch"] >= train_config.epochs or state["wait"] >= train_config.patience
     if not done:
         shard = train_config.strategy == "multiworker"
