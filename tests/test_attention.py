@@ -80,3 +80,86 @@ def test_grid_extraction_keeps_the_encoder_identity(tmp_path):
     noise = np.random.default_rng(0).uniform(-1, 1, (1, 71, 71, 3)).astype(np.float32)
     peak = float(np.abs(pooled_model(noise).numpy()).max())
     assert 0.5 <= peak * enc.identity["feature_scale"] < 2
+
+
+# -- config and decoder ----------------------------------------------------------------
+
+
+def test_old_manifests_without_the_architecture_load_as_lstm():
+    from dataclasses import asdict
+
+    from toolkit.config import ADDED_FIELDS, DecoderConfig, from_dict
+    from toolkit.errors import CapkitError
+
+    old = {k: v for k, v in asdict(DecoderConfig()).items() if k not in ADDED_FIELDS["DecoderConfig"]}
+    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm")
+    new = asdict(DecoderConfig(architecture="attention", attention_reg=0.5))
+    assert from_dict(DecoderConfig, new).architecture == "attention"
+    with pytest.raises(CapkitError, match=r"missing \['units'\]"):  # every other field stays required
+        from_dict(DecoderConfig, {k: v for k, v in new.items() if k != "units"})
+
+
+def tiny_attention_data(seed=0, n=16, positions=4, fdim=8, vocab=20):
+    from toolkit.decoder import Sequences
+
+    rng = np.random.default_rng(seed)
+    grids = rng.normal(size=(n, positions, fdim)).astype(np.float32)
+    seqs = Sequences(np.arange(2 * n, dtype=np.int32) % n,
+                     [list(rng.integers(3, vocab, size=rng.integers(2, 7))) for _ in range(2 * n)])
+    return grids, seqs
+
+
+def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path):
+    import tensorflow as tf
+
+    from toolkit.config import DecoderConfig, TrainConfig
+    from toolkit.decoder import AttentionDecoder, load_decoder, save_decoder, train_decoder
+    from toolkit.tokenizer import BOS_ID
+
+    grids, seqs = tiny_attention_data()
+    cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
+                        max_length=8, deep_output=True)
+    model, state = train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2),
+                                 tmp_path / "ck")
+    assert isinstance(model, AttentionDecoder)
+    _, inputs, _ = seqs.arrays(8)
+    inputs = inputs[:5]
+    # Step by step (inference) equals the whole-sequence pass (training), token for token.
+    full = tf.nn.log_softmax(model((grids[:5], inputs))).numpy()
+    state_ = model.initial_state(grids[:5])
+    assert [tuple(s.shape) for s in state_] == [(5, 16), (5, 16), (5, 4, 16), (5, 4, 16)]
+    for t in range(inputs.shape[1]):
+        logp, *state_ = model.step(tf.constant(inputs[:, t]), *state_)
+        np.testing.assert_allclose(logp.numpy(), full[:, t], atol=1e-5)
+    maps = model.attention_maps(grids[:5], inputs)
+    assert maps.shape == (5, 8, 4)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+    # The doubly stochastic penalty is added while training only, and only when asked for.
+    model((grids[:5], inputs), training=True)
+    assert len(model.losses) == 1 and float(model.losses[0]) > 0
+    model.config.attention_reg = 0.0
+    model((grids[:5], inputs), training=True)
+    assert len(model.losses) == 0
+    model.config.attention_reg = 1.0
+    # Weights round-trip through the pack's file.
+    save_decoder(model, tmp_path / "d.weights.h5")
+    again = load_decoder(cfg, tmp_path / "d.weights.h5")
+    np.testing.assert_allclose(tf.nn.log_softmax(again((grids[:5], inputs))).numpy(), full, atol=1e-6)
+
+
+def test_attention_decoder_trains_in_mixed_precision(tmp_path, monkeypatch):
+    """The GPU path (mixed_float16) on the CPU: the loop's tensors in float16, a plain float32 model back."""
+    from toolkit import decoder as dec
+    from toolkit.config import DecoderConfig, TrainConfig
+    from toolkit.generate import KerasStepModel, beam_search, beam_search_tf
+
+    monkeypatch.setattr(dec, "_mixed_precision_wanted", lambda: True)
+    grids, seqs = tiny_attention_data(1)
+    cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.1,
+                        max_length=8)
+    model, state = dec.train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2),
+                                     tmp_path)
+    assert {w.dtype for w in model.weights if "float" in w.dtype} == {"float32"}
+    assert np.isfinite(state["history"][-1]["loss"]) and state["history"][-1]["loss"] < state["history"][0]["loss"]
+    step = KerasStepModel(model)
+    assert beam_search_tf(step, grids, 1, 2, beam=2, max_length=8) == beam_search(step, grids, 1, 2, beam=2, max_length=8)
