@@ -163,3 +163,111 @@ def test_attention_decoder_trains_in_mixed_precision(tmp_path, monkeypatch):
     assert np.isfinite(state["history"][-1]["loss"]) and state["history"][-1]["loss"] < state["history"][0]["loss"]
     step = KerasStepModel(model)
     assert beam_search_tf(step, grids, 1, 2, beam=2, max_length=8) == beam_search(step, grids, 1, 2, beam=2, max_length=8)
+
+
+# -- a tiny attention pack, end to end --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attention_packs(tmp_path_factory, tiny_dataset):
+    """An attention `en` pack, built through a Ctrl-C after epoch 1 and a resume, beside an lstm `zh` pack."""
+    from conftest import build_tiny_pack
+    from toolkit.pipeline import Report
+
+    packs = tmp_path_factory.mktemp("attention-packs")
+
+    def stop_after_first_epoch(kind, **f):
+        if kind == "epoch" and f["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    attention = dict(decoder=dict(architecture="attention"))
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_pack("en", tiny_dataset, packs, report=Report(stop_after_first_epoch), **attention)
+    assert not (packs / "en").exists()
+    events = []
+    build_tiny_pack("en", tiny_dataset, packs, report=Report(lambda kind, **f: events.append((kind, f))), **attention)
+    build_tiny_pack("zh", tiny_dataset, packs, train=dict(epochs=1))
+    return packs, events
+
+
+def test_attention_pack_resumes_and_names_its_architecture(attention_packs):
+    from toolkit.encoder import Encoder
+    from toolkit.pack import MODEL_CARD_FILE, load_manifest, verify_files
+
+    packs, events = attention_packs
+    epochs = [f["epoch"] for kind, f in events if kind == "epoch"]
+    assert epochs[0] == 2  # resumed where the Ctrl-C stopped it
+    assert [f for kind, f in events if kind == "encoded"][0]["extracted"] == 0  # features and grids cached by the first try
+    m = load_manifest(packs / "en")
+    assert m["decoder"]["architecture"] == "attention" and load_manifest(packs / "zh")["decoder"]["architecture"] == "lstm"
+    assert verify_files(packs / "en", m) == []
+    assert "attending over the feature grid" in (packs / "en" / MODEL_CARD_FILE).read_text()
+    for system in ("model", "retrieval", "constant"):
+        assert 0 <= m["scores"]["test"][system]["bleu4"] <= 100
+    enc = Encoder.load(packs, m["encoder"]["id"])
+    assert len(enc.grid_cache) == 48 and len(enc.cache) == 48
+
+
+def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tiny_dataset):
+    from toolkit.decoder import AttentionDecoder, CaptionDecoder
+    from toolkit.encoder import Encoder
+    from toolkit.generate import beam_search
+    from toolkit.pack import load_manifest
+    from toolkit.pipeline import caption_images, evaluate_packs, load_pack
+    from toolkit.tokenizer import BOS_ID, EOS_ID
+
+    packs, _ = attention_packs
+    en, zh = load_pack(packs, "en"), load_pack(packs, "zh")
+    assert en.needs_grid and isinstance(en.step.decoder, AttentionDecoder)
+    assert not zh.needs_grid and isinstance(zh.step.decoder, CaptionDecoder)
+
+    imgs = sorted(tiny_dataset["images"].iterdir())[:5]
+    out = caption_images(imgs, ["all"], packs, beam=2)
+    assert len(out.rows) == 10 and not out.failures
+    enc = Encoder.load(packs, en.manifest["encoder"]["id"])
+    grids = enc.grid_features([enc.extract(imgs).keys[str(p)] for p in imgs])
+    want = en.tokenizer.decode(beam_search(en.step, grids, BOS_ID, EOS_ID, beam=2, max_length=16))
+    assert [r["caption"] for r in out.rows if r["lang"] == "en"] == want
+
+    res = evaluate_packs(["en", "zh"], packs, tiny_dataset["images"], tiny_dataset["test"], beam=3)
+    for r in res:
+        m = load_manifest(packs / r["lang"])
+        assert r["bleu4"] == pytest.approx(m["scores"]["test"]["model"]["bleu4"], abs=1e-6)
+        assert r["baselines"]["retrieval"]["bleu4"] == pytest.approx(m["scores"]["test"]["retrieval"]["bleu4"], abs=1e-6)
+
+    # Where the pack looked for each word of its captions (and the end): one distribution over the 3x3 grid per word.
+    ids = en.step.search(grids, BOS_ID, EOS_ID, beam=2, max_length=16)
+    width = max(map(len, ids)) + 1
+    inputs = np.array([[BOS_ID, *c] + [0] * (width - 1 - len(c)) for c in ids], np.int32)
+    maps = en.step.decoder.attention_maps(grids, inputs)
+    assert maps.shape == (5, width, 9) and (maps >= 0).all()
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+
+
+def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
+    import sys
+
+    import toolkit.pipeline
+    from toolkit.cli import main
+    from toolkit.errors import CapkitError
+
+    got = []
+
+    def fake_build(*args, decoder_config, **kw):
+        got.append(decoder_config.architecture)
+        raise CapkitError("stopped here")
+
+    monkeypatch.setattr(toolkit.pipeline, "build_pack", fake_build)
+    base = ["capkit", "build-pack", "en", "--captions", str(tiny_dataset["captions_en"]), "--images",
+            str(tiny_dataset["images"]), "--train-split", str(tiny_dataset["train"]), "--dev-split", str(tiny_dataset["dev"]),
+            "--packs-dir", str(tmp_path)]
+    for flags, want in (([], "lstm"), (["--decoder", "attention"], "attention"), (["--decoder", "merge"], None)):
+        monkeypatch.setattr(sys, "argv", base + flags)
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code != 0
+        err = capsys.readouterr().err
+        if want:
+            assert got.pop() == want and "stopped here" in err
+        else:
+            assert "--decoder must be one of lstm, attention, not 'merge'" in err and not got
