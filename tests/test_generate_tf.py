@@ -77,3 +77,48 @@ def test_no_repeat_ngram_holds_in_the_compiled_search():
         for caption in beam_search_tf(model, feats, BOS, EOS, beam=3, max_length=12, no_repeat_ngram=n):
             grams = [tuple(caption[i : i + n]) for i in range(len(caption) - n + 1)]
             assert len(grams) == len(set(grams)), (n, caption)
+
+
+# -- the attention decoder: a state of four tensors, two of them per-image grids --------
+
+
+@functools.lru_cache(maxsize=None)
+def random_attention_decoder(seed: int, vocab: int = 12, units: int = 16, fdim: int = 8, positions: int = 5):
+    import keras
+
+    from toolkit.config import DecoderConfig
+    from toolkit.decoder import AttentionDecoder
+
+    keras.utils.set_random_seed(seed)
+    cfg = DecoderConfig(architecture="attention", vocab_size=vocab, feature_dim=fdim, embed_dim=8, units=units,
+                        dropout=0.0, max_length=12, deep_output=bool(seed % 2))
+    model = AttentionDecoder(cfg)
+    rng = np.random.default_rng(seed)
+    model.norm.adapt(rng.normal(size=(20, positions, fdim)).astype(np.float32))
+    model.build_all(fdim)
+    w, b = model.head.get_weights()
+    model.head.set_weights([w * 4, b])
+    # Sharper attention too, so that where the model looks changes what it says.
+    model.att_score.set_weights([w * 8 for w in model.att_score.get_weights()])
+    feats = np.random.default_rng(seed + 100).normal(size=(7, positions, fdim)).astype(np.float32)
+    return KerasStepModel(model), feats
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("beam,length_penalty,no_repeat", [(1, 0.0, 0), (3, 0.0, 0), (5, 1.0, 2)])
+def test_compiled_search_equals_numpy_for_the_attention_decoder(seed, beam, length_penalty, no_repeat):
+    step, feats = random_attention_decoder(seed)
+    want = beam_search(step, feats, BOS, EOS, beam=beam, max_length=12,
+                       length_penalty=length_penalty, no_repeat_ngram=no_repeat)
+    got = beam_search_tf(step, feats, BOS, EOS, beam=beam, max_length=12,
+                         length_penalty=length_penalty, no_repeat_ngram=no_repeat)
+    assert got == want
+    assert len({str(c) for c in got}) > 1  # the images are told apart
+
+
+def test_attention_search_rows_are_independent_and_follow_their_image():
+    step, feats = random_attention_decoder(0)
+    whole = beam_search_tf(step, feats, BOS, EOS, beam=3, max_length=12)
+    # Beams reorder the per-image annotations with h and c: alone or in a batch, an image gets its own caption.
+    assert [beam_search_tf(step, feats[i : i + 1], BOS, EOS, beam=3, max_length=12)[0] for i in range(len(feats))] == whole
+    assert greedy_tf(step.decoder, feats, BOS, EOS, max_length=12) == greedy(step, feats, BOS, EOS, max_length=12)

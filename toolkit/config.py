@@ -28,14 +28,24 @@ class EncoderConfig:
     workers: int = 4            # threads decoding and resizing images ahead of the model
 
 
+DECODER_ARCHITECTURES = ("lstm", "attention")
+
+
 @dataclass
 class DecoderConfig:
+    # "lstm": the pooled image vector sets the LSTM's initial state (toolkit.decoder.CaptionDecoder);
+    # "attention": the LSTM attends over the encoder's feature grid at every word (AttentionDecoder).
+    architecture: str = "lstm"
     vocab_size: int = 2000      # SentencePiece vocabulary; a soft cap, shrunk for small corpora
-    feature_dim: int = 2048     # encoder output width (global-average-pooled Xception)
+    feature_dim: int = 2048     # encoder output width (channels of the Xception feature map)
     embed_dim: int = 256        # token embedding width
     units: int = 512            # LSTM state width
     dropout: float = 0.5        # on the embedding and the LSTM output; small data overfits fast
     max_length: int = 40        # longest caption in tokens (incl. end); longer captions are cut at training
+    attention_reg: float = 1.0  # attention only: weight of the doubly stochastic penalty pushing every grid cell
+                                # to be looked at over a caption (Show, Attend and Tell's lambda); 0 turns it off
+    deep_output: bool = False   # attention only: the head reads tanh(W [h, context] + word embedding), the
+                                # paper's deep output, instead of [h, context]
 
 
 @dataclass
@@ -49,11 +59,18 @@ class TrainConfig:
     strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs), multiworker (TF_CONFIG)
 
 
+# Fields added after packs were first written, by class. A manifest that lacks one
+# predates it, and the field's default is what those packs were: every pack before
+# `architecture` is an "lstm" one, which the attention settings do not touch. Any
+# other missing field is still an error.
+ADDED_FIELDS = {"DecoderConfig": ("architecture", "attention_reg", "deep_output")}
+
+
 def from_dict(cls, data: dict):
-    """Rebuild a config from a manifest section; unknown or missing keys are errors."""
+    """Rebuild a config from a manifest section; unknown or missing keys are errors (but see ADDED_FIELDS)."""
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
-    missing = names - set(data)
+    missing = names - set(data) - set(ADDED_FIELDS.get(cls.__name__, ()))
     if unknown or missing:
         from toolkit.errors import CapkitError
 

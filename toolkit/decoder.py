@@ -1,9 +1,18 @@
-"""The per-language LSTM decoder and its training.
+"""The per-language decoders and their training.
 
-The image enters as the LSTM's initial state (normalised features -> Dense ->
-h0, c0), tokens by teacher forcing over whole captions, loss masked on
+Two architectures, chosen by `DecoderConfig.architecture`:
+
+- "lstm" (`CaptionDecoder`): the pooled image vector enters as the LSTM's
+  initial state (normalised features -> Dense -> h0, c0);
+- "attention" (`AttentionDecoder`): Show, Attend and Tell; the LSTM looks
+  at the encoder's feature grid afresh for every word.
+
+Both train on tokens by teacher forcing over whole captions, loss masked on
 padding. Feature normalisation is a Keras `Normalization` layer adapted on
-the train split, so its statistics travel inside the decoder weights.
+the train split, so its statistics travel inside the decoder weights. Both
+decode through the same narrow interface: `initial_state(features)` returns
+a tuple of per-row tensors, `step(tokens, *state)` returns
+`(log_probs, *state)`; searches reorder every state tensor with the beams.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from toolkit.config import DecoderConfig, TrainConfig
+from toolkit.config import DECODER_ARCHITECTURES, DecoderConfig, TrainConfig
 from toolkit.errors import CapkitError
 from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -72,6 +81,10 @@ class CaptionDecoder(keras.Model):
         y, (h, c) = self.lstm.cell(tf.gather(self.embed.embeddings, tokens), [h, c])
         return tf.nn.log_softmax(tf.cast(self.head(y), tf.float32)), h, c
 
+    def feature_spec(self):
+        """What `initial_state` takes: pooled features (n, feature_dim)."""
+        return tf.TensorSpec([None, self.config.feature_dim], tf.float32)
+
     def build_all(self, feature_dim: int) -> "CaptionDecoder":
         """Create every weight (needed before load_weights)."""
         if not self.norm.built:
@@ -80,19 +93,156 @@ class CaptionDecoder(keras.Model):
         return self
 
 
-def save_decoder(model: CaptionDecoder, path: Path) -> None:
+class AttentionDecoder(keras.Model):
+    """grid features (n, P, 2048) + tokens (n, t) -> next-token logits (n, t, vocab).
+
+    Show, Attend and Tell (Xu et al. 2015) with soft attention. The P = G*G
+    grid vectors are normalised per channel and projected to annotations
+    a_1..a_P (`units` wide); h0 and c0 come from their mean. For each word,
+    Bahdanau attention scores every annotation against the previous h,
+    alpha = softmax_i(v . tanh(W_a a_i + W_h h)), the context is
+    sum_i alpha_i a_i, and the LSTM cell reads [word embedding, context].
+    The head reads [h, context] (or the paper's deep output, see
+    `DecoderConfig.deep_output`). While training, the doubly stochastic
+    penalty `attention_reg * sum_i (1 - sum_t alpha_ti)**2`, per caption
+    token, keeps the model from staring at one cell for the whole caption.
+
+    Teacher forcing runs one tf.while_loop over the batch's steps; dropout,
+    the word embeddings and the head act on whole sequences outside it, so
+    the loop holds only the attention and the cell.
+
+    The decoding state is (h, c, annotations, attention keys): the last two
+    are per-image tensors the step needs, carried as state so that beams
+    reorder them with h and c.
+
+    >>> dec = AttentionDecoder(DecoderConfig(architecture="attention", vocab_size=60)).build_all(2048)
+    >>> dec.attention_maps(grids, inputs).shape   # grids (n, 100, 2048), inputs (n, T) BOS first
+    (n, T, 100)
+    """
+
+    def __init__(self, config: DecoderConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        c = config
+        self.norm = keras.layers.Normalization(axis=-1)  # per channel, over images and positions
+        self.feat_drop = keras.layers.Dropout(c.dropout)
+        self.project = keras.layers.Dense(c.units, activation="relu")  # grid vector -> annotation
+        self.init_h = keras.layers.Dense(c.units, activation="tanh")
+        self.init_c = keras.layers.Dense(c.units, activation="tanh")
+        self.att_keys = keras.layers.Dense(c.units, use_bias=False)  # W_a a_i, once per image
+        self.att_query = keras.layers.Dense(c.units)  # W_h h, once per word
+        self.att_score = keras.layers.Dense(1, use_bias=False)  # v
+        self.embed = keras.layers.Embedding(c.vocab_size, c.embed_dim)
+        self.emb_drop = keras.layers.Dropout(c.dropout)
+        self.cell = keras.layers.LSTMCell(c.units)
+        self.deep = keras.layers.Dense(c.embed_dim) if c.deep_output else None
+        self.out_drop = keras.layers.Dropout(c.dropout)
+        self.head = keras.layers.Dense(c.vocab_size, dtype="float32")  # float32 logits under mixed precision
+
+    def initial_state(self, features, training=False):
+        """features (n, P, feature_dim) -> (h, c, annotations (n, P, units), keys (n, P, units))."""
+        a = self.project(self.feat_drop(self.norm(features), training=training))
+        mean = tf.reduce_mean(a, axis=1)
+        return self.init_h(mean), self.init_c(mean), a, self.att_keys(a)
+
+    def _attend(self, h, a, keys):
+        e = self.att_score(tf.tanh(keys + self.att_query(h)[:, None, :]))[..., 0]  # (n, P)
+        alpha = tf.nn.softmax(e, axis=-1)
+        return alpha, tf.einsum("np,npu->nu", alpha, a)
+
+    def _advance(self, x, h, c, a, keys):
+        """One word: attend from the previous h, then the cell reads [embedding, context]."""
+        alpha, context = self._attend(h, a, keys)
+        _, (h, c) = self.cell(tf.concat([x, context], axis=-1), [h, c])
+        return h, c, context, alpha
+
+    def _logits(self, h, context, x, training=False):
+        y = tf.concat([h, context], axis=-1)
+        if self.deep is not None:
+            y = tf.tanh(self.deep(y) + x)
+        return self.head(self.out_drop(y, training=training))
+
+    def _unroll(self, features, tokens, training=False):
+        """Teacher forcing over all steps: (logits (n, T, vocab), alphas (n, T, P))."""
+        h, c, a, keys = self.initial_state(features, training)
+        x = self.emb_drop(self.embed(tokens), training=training)  # (n, T, E)
+        xs = tf.transpose(x, [1, 0, 2])
+        steps = tf.shape(tokens)[1]
+        outs = [tf.TensorArray(h.dtype, size=steps) for _ in range(3)]
+
+        def body(t, h, c, hs, contexts, alphas):
+            h, c, context, alpha = self._advance(xs[t], h, c, a, keys)
+            return t + 1, h, c, hs.write(t, h), contexts.write(t, context), alphas.write(t, alpha)
+
+        _, _, _, hs, contexts, alphas = tf.while_loop(lambda t, *_: t < steps, body, (tf.constant(0), h, c, *outs))
+        seq = lambda ta: tf.transpose(ta.stack(), [1, 0, 2])  # noqa: E731
+        return self._logits(seq(hs), seq(contexts), x, training), seq(alphas)
+
+    def call(self, inputs, training=False):
+        features, tokens = inputs
+        logits, alphas = self._unroll(features, tokens, training)
+        if training and self.config.attention_reg:
+            # How much each cell was looked at over the caption's real words.
+            mask = tf.cast(tokens != PAD_ID, alphas.dtype)
+            seen = tf.reduce_sum(alphas * mask[..., None], axis=1)  # (n, P)
+            per_token = tf.reduce_sum(tf.square(1.0 - seen), axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+            self.add_loss(self.config.attention_reg * tf.cast(tf.reduce_mean(per_token), tf.float32))
+        return logits
+
+    def step(self, tokens, h, c, a, keys):
+        """One token per row -> (log-probabilities of the next token, h, c, annotations, keys)."""
+        x = self.embed(tokens)
+        h, c, context, _ = self._advance(x, h, c, a, keys)
+        return tf.nn.log_softmax(tf.cast(self._logits(h, context, x), tf.float32)), h, c, a, keys
+
+    def attention_maps(self, features, tokens) -> np.ndarray:
+        """Where the model looked: features (n, P, d), tokens (n, T) decoder inputs, BOS first -> (n, T, P).
+
+        Row t is the attention used to choose the word after tokens[:, t], so
+        for a caption w1..wk the inputs are [BOS, w1..wk] and the rows belong
+        to w1..wk and the end. Each row sums to 1.
+        """
+        _, alphas = self._unroll(tf.convert_to_tensor(features, tf.float32), tf.convert_to_tensor(tokens, tf.int32))
+        return alphas.numpy()
+
+    def feature_spec(self):
+        """What `initial_state` takes: grid features (n, P, feature_dim), any P."""
+        return tf.TensorSpec([None, None, self.config.feature_dim], tf.float32)
+
+    def build_all(self, feature_dim: int) -> "AttentionDecoder":
+        """Create every weight (needed before load_weights); no weight depends on the grid size."""
+        if not self.norm.built:
+            self.norm.build((None, None, feature_dim))
+        self((np.zeros((1, 1, feature_dim), np.float32), np.full((1, 2), BOS_ID, np.int32)))
+        return self
+
+
+DECODERS = {"lstm": CaptionDecoder, "attention": AttentionDecoder}
+assert tuple(DECODERS) == DECODER_ARCHITECTURES
+
+
+def decoder_class(config: DecoderConfig):
+    """The class `config.architecture` names."""
+    try:
+        return DECODERS[config.architecture]
+    except KeyError:
+        raise CapkitError(f"unknown decoder architecture {config.architecture!r}",
+                          hint=f"use one of {', '.join(DECODERS)}") from None
+
+
+def save_decoder(model, path: Path) -> None:
     """Weights only, without optimizer state (Keras would add Adam's two moments: 3x the size).
 
     The inverse is `load_decoder(config, path)`.
     """
-    clean = CaptionDecoder(model.config).build_all(model.config.feature_dim)
+    clean = decoder_class(model.config)(model.config).build_all(model.config.feature_dim)
     clean.set_weights(model.get_weights())
     _save_weights(clean, Path(path))
 
 
-def load_decoder(config: DecoderConfig, weights: Path) -> CaptionDecoder:
+def load_decoder(config: DecoderConfig, weights: Path):
     """Rebuild the architecture from plain settings, then load weights only (no deserialised code)."""
-    model = CaptionDecoder(config).build_all(config.feature_dim)
+    model = decoder_class(config)(config).build_all(config.feature_dim)
     try:
         model.load_weights(weights)
     except Exception as e:
@@ -229,8 +379,12 @@ def train_decoder(
     train_config: TrainConfig,
     checkpoint_dir: Path,
     progress: Callable[[dict], None] | None = None,
-) -> tuple[CaptionDecoder, dict]:
+) -> tuple[keras.Model, dict]:
     """Train with teacher forcing and early stopping on dev loss; returns the best model and the run's state.
+
+    Features are what `config.architecture` reads: pooled (n, 2048) for
+    "lstm", grids (n, P, 2048) for "attention"; `train.image_index` and
+    `dev.image_index` point into their rows.
 
     `checkpoint_dir` keeps the last and best weights and the epoch reached; a
     call with the same folder resumes where it stopped, optimizer state included.
@@ -250,7 +404,7 @@ def train_decoder(
         if mixed:  # layers take the policy when built; the float32 head keeps logits and loss in float32
             keras.config.set_dtype_policy(MIXED_PRECISION_POLICY)
         try:
-            model = CaptionDecoder(config)
+            model = decoder_class(config)(config)
             model.norm.adapt(train_features)  # statistics of the train split, stored with the weights
             model.build_all(config.feature_dim)
         finally:

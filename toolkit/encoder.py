@@ -5,6 +5,11 @@ input size, so packs can insist on the exact encoder they were trained with.
 Encoders live in `<packs dir>/.encoders/<id>/`; features are cached there,
 keyed by image content (sha256 of the file's bytes), so a second language on
 the same photos extracts nothing.
+
+Two caches, one forward pass: the average-pooled vector (`features/`, 2048
+values per image) that every decoder reads, and, only when asked for, the
+last convolutional feature map it is the mean of (`features/grid/`, G*G*2048
+values: 10x10 at 299 px, 3x3 at 71 px) for the attention decoder.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ ENCODER_FILE = "encoder.json"
 ENCODER_WEIGHTS_FILE = "encoder.weights.h5"
 FEATURES_FILE = "features.f16"
 FEATURES_INDEX_FILE = "features.idx"
+FEATURES_DIR = "features"
+GRID_DIR = "grid"           # inside FEATURES_DIR: the spatial feature maps
 ENCODER_FORMAT = "capkit-encoder v1"
 FEATURE_DIM = 2048
 RANDOM_INIT_SEED = 1234
@@ -154,10 +161,12 @@ class Extraction:
 
 
 class Encoder:
-    """Xception (no top, average-pooled) with an identity and a feature cache.
+    """Xception (no top) with an identity and feature caches: pooled vectors, and grids on request.
 
     >>> enc = Encoder.prepare(EncoderConfig(weights="none", image_size=71), Path("packs"))
-    >>> ex = enc.extract(["a.jpg", "b.png"]); feats = enc.features([ex.keys["a.jpg"]])
+    >>> ex = enc.extract(["a.jpg", "b.png"]); feats = enc.features([ex.keys["a.jpg"]])  # (1, 2048)
+    >>> ex = enc.extract(["a.jpg"], grid=True); enc.grid_features([ex.keys["a.jpg"]]).shape
+    (1, 9, 2048)
     """
 
     def __init__(self, model, config: EncoderConfig, identity: dict, home: Path | None):
@@ -167,8 +176,12 @@ class Encoder:
         self.id: str = identity["id"]
         self.home = home
         scale = identity["feature_scale"]
-        self.cache = FeatureCache(home / "features", FEATURE_DIM, scale) if home else None
+        self.grid_size: int = int(model.output_shape[1])  # G: the feature map is G x G positions
+        self.cache = FeatureCache(home / FEATURES_DIR, FEATURE_DIM, scale) if home else None
+        # The same scale: a grid cell is of the pooled features' order (they are its mean).
+        self.grid_cache = FeatureCache(home / FEATURES_DIR / GRID_DIR, self.grid_size**2 * FEATURE_DIM, scale) if home else None
         self._memory: dict[str, np.ndarray] = {}  # features when the cache is not writable
+        self._grid_memory: dict[str, np.ndarray] = {}
         self._forward = None
 
     # -- identity and storage -------------------------------------------------
@@ -232,8 +245,14 @@ class Encoder:
         paths: list[str | Path],
         progress: Callable[[int, int], None] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        grid: bool = False,
     ) -> Extraction:
         """Features of every readable image in `paths`, cached; bad files are reported, not fatal.
+
+        `grid=True` caches the spatial feature maps too (`grid_features`); an
+        image counts as cached only when everything asked for is. Images whose
+        pooled features are cached but not their grid go through the model
+        again, and only the grid is added.
 
         Worker threads read, hash, decode and resize images ahead of the model
         (Pillow releases the GIL while decoding), so the forward pass is rarely
@@ -253,7 +272,7 @@ class Encoder:
             except OSError as e:
                 return p, None, ImageError(f"{p}: cannot read ({e.strerror or e})")
             key = image_key(data)
-            if self._has(key):
+            if self._has(key, grid):
                 return p, key, None
             try:
                 return p, key, decode_image(data, self.config.image_size, p, max_pixels)
@@ -262,8 +281,9 @@ class Encoder:
 
         def flush():
             if batch_imgs:
-                feats = self._encode_batch(np.stack(batch_imgs))
-                self._store(list(batch_keys), feats)
+                out_ = self._encode_batch(np.stack(batch_imgs), grid)
+                pooled, grids = out_ if grid else (out_, None)
+                self._store(list(batch_keys), pooled, grids)
                 out.n_extracted += len(batch_keys)
                 pending.difference_update(batch_keys)
                 batch_keys.clear()
@@ -307,27 +327,50 @@ class Encoder:
             return np.stack([self._memory[k] if k in self._memory else self.cache.get([k])[0] for k in keys]) if keys else np.zeros((0, FEATURE_DIM), np.float32)
         return self.cache.get(keys)
 
+    def grid_features(self, keys: list[str]) -> np.ndarray:
+        """(n, G*G, 2048) float32 feature maps of images extracted with `grid=True`, positions row-major."""
+        P = self.grid_size**2
+        if not keys:
+            return np.zeros((0, P, FEATURE_DIM), np.float32)
+        if self._grid_memory:
+            rows = np.stack([self._grid_memory[k] if k in self._grid_memory else self.grid_cache.get([k])[0] for k in keys])
+        else:
+            rows = self.grid_cache.get(keys)
+        return rows.reshape(len(keys), P, FEATURE_DIM)
+
     def encode_arrays(self, images: np.ndarray) -> np.ndarray:
         """Features of in-memory uint8 images (n, s, s, 3); no cache involved."""
         bs = self.config.batch_size
         return np.concatenate([self._encode_batch(images[i : i + bs]) for i in range(0, len(images), bs)]) if len(images) else np.zeros((0, FEATURE_DIM), np.float32)
 
-    def _has(self, key: str) -> bool:
-        return key in self._memory or (self.cache is not None and key in self.cache)
+    def _has(self, key: str, grid: bool = False) -> bool:
+        pooled = key in self._memory or (self.cache is not None and key in self.cache)
+        return pooled and (not grid or key in self._grid_memory or (self.grid_cache is not None and key in self.grid_cache))
 
-    def _store(self, keys: list[str], feats: np.ndarray) -> None:
-        if self.cache is not None:
+    def _store(self, keys: list[str], feats: np.ndarray, grids: np.ndarray | None = None) -> None:
+        # Pooled rows already cached stay as they are: a grid request re-encodes them, it does not duplicate them.
+        new = [i for i, k in enumerate(keys) if not self._has(k)]
+        self._store_rows(self.cache, self._memory, [keys[i] for i in new], feats[new])
+        if grids is not None:
+            self._store_rows(self.grid_cache, self._grid_memory, keys, grids.reshape(len(keys), -1))
+
+    @staticmethod
+    def _store_rows(cache: FeatureCache | None, memory: dict, keys: list[str], rows: np.ndarray) -> None:
+        if not keys:
+            return
+        if cache is not None:
             try:
-                self.cache.add(keys, feats)
+                cache.add(keys, rows)
                 return
             except CacheWriteError as e:
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
         # The packs dir is read-only (a shared install): keep features for this run only.
-        for k, f in zip(keys, feats):
-            self._memory[k] = f
+        for k, f in zip(keys, rows):
+            memory[k] = f
 
-    def _encode_batch(self, images: np.ndarray) -> np.ndarray:
+    def _encode_batch(self, images: np.ndarray, grid: bool = False):
+        """Pooled features (n, 2048), or (pooled, grids (n, G, G, 2048)) with `grid`: one forward pass."""
         import tensorflow as tf
 
         if self._forward is None:
@@ -336,14 +379,16 @@ class Encoder:
             @tf.function(reduce_retracing=True)
             def forward(x):
                 x = tf.cast(x, tf.float32) / 127.5 - 1.0  # keras.applications.xception.preprocess_input
-                return model(x, training=False)
+                maps = model(x, training=False)
+                return tf.reduce_mean(maps, axis=[1, 2]), maps  # Xception's pooling="avg", done here
 
             self._forward = forward
         n = len(images)
         bs = self.config.batch_size
         if n < bs:  # one input shape, one trace
             images = np.concatenate([images, np.zeros((bs - n, *images.shape[1:]), images.dtype)])
-        return self._forward(images).numpy()[:n]
+        pooled, maps = self._forward(images)
+        return (pooled.numpy()[:n], maps.numpy()[:n]) if grid else pooled.numpy()[:n]
 
 
 def _build(config: EncoderConfig, weights: str):
@@ -357,9 +402,12 @@ def _build(config: EncoderConfig, weights: str):
     shape = (config.image_size, config.image_size, 3)
     if config.image_size < 71:
         raise CapkitError(f"image size {config.image_size} is below Xception's minimum of 71")
+    # No pooling in the model: the forward pass averages the feature map itself, so one
+    # pass gives both the pooled vector and the grid. Pooling has no weights: the digest,
+    # the id and weight files saved by pooled models are unchanged.
     if weights == "imagenet":
         try:
-            return keras.applications.Xception(include_top=False, weights="imagenet", input_shape=shape, pooling="avg")
+            return keras.applications.Xception(include_top=False, weights="imagenet", input_shape=shape, pooling=None)
         except Exception as e:  # the download is the only thing that fails here: say how to work offline
             raise CapkitError(
                 f"cannot download the ImageNet Xception weights ({type(e).__name__}: {str(e)[:200]})",
@@ -368,7 +416,7 @@ def _build(config: EncoderConfig, weights: str):
             ) from None
     if weights == "none":
         keras.utils.set_random_seed(RANDOM_INIT_SEED)
-    model = keras.applications.Xception(include_top=False, weights=None, input_shape=shape, pooling="avg")
+    model = keras.applications.Xception(include_top=False, weights=None, input_shape=shape, pooling=None)
     if weights not in ("none", ""):
         path = Path(weights)
         if not path.is_file():
@@ -393,7 +441,8 @@ def _identity(model, config: EncoderConfig) -> dict:
     # A power of two that brings a noise image's largest feature near 1: random-init
     # features (~1e-5) would otherwise vanish in float16; exact to undo.
     noise = np.random.default_rng(0).uniform(-1, 1, (1, config.image_size, config.image_size, 3)).astype(np.float32)
-    peak = float(np.abs(model(noise, training=False).numpy()).max()) or 1.0
+    pooled = model(noise, training=False).numpy().mean(axis=(1, 2))  # the scale is the pooled features', as ever
+    peak = float(np.abs(pooled).max()) or 1.0
     scale = 2.0 ** -round(math.log2(peak))
     return {
         "format": ENCODER_FORMAT,

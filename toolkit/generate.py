@@ -2,8 +2,11 @@
 
 Search talks to the model through a narrow interface (`StepModel`), so it is
 tested against a hand-written table of next-token probabilities, and the
-TensorFlow decoder plugs in through `KerasStepModel`, whose step is one
-compiled call for every image and beam at once, carrying the LSTM state.
+TensorFlow decoders plug in through `KerasStepModel`, whose step is one
+compiled call for every image and beam at once, carrying the decoder's state:
+a tuple of tensors with one row per image and beam, whatever the
+architecture puts in it ((h, c) for the LSTM; h, c and the image's
+annotations for the attention decoder).
 """
 
 from __future__ import annotations
@@ -24,32 +27,35 @@ class StepModel(Protocol):
 
 
 class KerasStepModel:
-    """Adapts a `CaptionDecoder` to `StepModel` with traced, shape-generic TF functions."""
+    """Adapts a decoder (`CaptionDecoder`, `AttentionDecoder`) to `StepModel` with traced, shape-generic TF functions.
+
+    The decoder provides `feature_spec()` (what its features look like),
+    `initial_state(features)` -> tuple of tensors and
+    `step(tokens, *state)` -> (log_probs, *state).
+    """
 
     def __init__(self, decoder):
         import tensorflow as tf
 
         self.decoder = decoder
         self._searches: dict[tuple, object] = {}  # compiled whole searches, by setting
-        units = decoder.config.units
-        fdim = decoder.config.feature_dim
-        self._init = tf.function(
-            lambda f: decoder.initial_state(f),
-            input_signature=[tf.TensorSpec([None, fdim], tf.float32)],
-        )
-        self._step = tf.function(
-            lambda t, h, c: decoder.step(t, h, c),
-            input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, units], tf.float32),
-                             tf.TensorSpec([None, units], tf.float32)],
-        )
+        self._init = tf.function(lambda f: tuple(decoder.initial_state(f)), input_signature=[decoder.feature_spec()])
+        self._step = None  # traced at the first step, once the state's shapes are known
 
     def initial_state(self, features):
-        h, c = self._init(np.asarray(features, np.float32))
-        return h.numpy(), c.numpy()
+        return tuple(s.numpy() for s in self._init(np.asarray(features, np.float32)))
 
     def step(self, tokens, state):
-        logp, h, c = self._step(np.asarray(tokens, np.int32), *state)
-        return logp.numpy(), (h.numpy(), c.numpy())
+        if self._step is None:
+            import tensorflow as tf
+
+            # Any number of rows (and grid positions): only the widths are fixed.
+            specs = [tf.TensorSpec([None] * (np.ndim(s) - 1) + [np.shape(s)[-1]], tf.float32) for s in state]
+            decoder = self.decoder
+            self._step = tf.function(lambda t, *s: decoder.step(t, *s),
+                                     input_signature=[tf.TensorSpec([None], tf.int32), *specs])
+        logp, *state = self._step(np.asarray(tokens, np.int32), *state)
+        return logp.numpy(), tuple(s.numpy() for s in state)
 
     def search(self, features, bos, eos, beam=3, max_length=40, length_penalty=0.0, no_repeat_ngram=0):
         """The whole search as one compiled call (see `beam_search_tf`); ids without BOS/EOS."""
@@ -150,7 +156,8 @@ def _ban_repeats(logp: np.ndarray, seqs: np.ndarray, n: int, finished: np.ndarra
 
 # -- compiled search --------------------------------------------------------------
 # The same algorithm as `beam_search`, as one TensorFlow graph per search setting:
-# a tf.while_loop over steps carrying (h, c), all images x beams in one batch.
+# a tf.while_loop over steps carrying the decoder's state tuple, all images x beams
+# in one batch.
 # Scores are float64 like the numpy reference, so both pick the same ids.
 
 
@@ -172,8 +179,9 @@ def beam_search_tf(
 ) -> list[list[int]]:
     """`beam_search` as one compiled TensorFlow loop; same arguments, same ids.
 
-    `decoder` is a `CaptionDecoder` (anything with `initial_state(f)` and
-    `step(tokens, h, c)`) or a `KerasStepModel` wrapping one. One graph is
+    `decoder` is a `CaptionDecoder` or `AttentionDecoder` (anything with
+    `feature_spec()`, `initial_state(f)` and `step(tokens, *state)`) or a
+    `KerasStepModel` wrapping one. One graph is
     traced per (beam, max_length, length_penalty, no_repeat_ngram, bos, eos)
     and reused for any number of images.
 
@@ -185,10 +193,9 @@ def beam_search_tf(
 
 
 def _compiled_search(decoder, bos: int, eos: int, K: int, L: int, length_penalty: float, n_gram: int):
-    """A tf.function features (n, d) -> (ids (n, L) int32, lengths (n,) int32) for one search setting."""
+    """A tf.function features (n, ...) -> (ids (n, L) int32, lengths (n,) int32) for one search setting."""
     import tensorflow as tf
 
-    fdim = decoder.config.feature_dim
     V = decoder.config.vocab_size
     NEG = tf.constant(-np.inf, tf.float64)
 
@@ -213,12 +220,11 @@ def _compiled_search(decoder, bos: int, eos: int, K: int, L: int, length_penalty
         dead = tf.reduce_all(tf.math.is_inf(logp) & (logp < 0), axis=1)
         return tf.where(dead[:, None] & tf.equal(tf.range(V), eos)[None, :], tf.constant(-1e9, tf.float64), logp)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, fdim], tf.float32)])
+    @tf.function(input_signature=[decoder.feature_spec()])
     def search(features):
         n = tf.shape(features)[0]
         R = n * K
-        h, c = decoder.initial_state(features)
-        h, c = tf.repeat(h, K, axis=0), tf.repeat(c, K, axis=0)
+        state = tuple(tf.repeat(s, K, axis=0) for s in decoder.initial_state(features))
         first = tf.one_hot(0, K, on_value=0.0, off_value=-np.inf, dtype=tf.float64)  # expand only beam 0
         scores = tf.reshape(tf.tile(first[None], [n, 1]), [-1])
         seqs = tf.zeros([R, L], tf.int32)
@@ -227,8 +233,8 @@ def _compiled_search(decoder, bos: int, eos: int, K: int, L: int, length_penalty
         eos_only = tf.where(tf.equal(tf.range(V), eos), tf.constant(0.0, tf.float64), NEG)
         offsets = tf.repeat(tf.range(n) * K, K)
 
-        def body(t, h, c, scores, seqs, finished, tokens):
-            logp, h, c = decoder.step(tokens, h, c)
+        def body(t, state, scores, seqs, finished, tokens):
+            logp, *state = decoder.step(tokens, *state)
             logp = tf.cast(logp, tf.float64)
             if n_gram > 0:
                 logp = ban_repeats(logp, seqs, t, finished)
@@ -239,17 +245,17 @@ def _compiled_search(decoder, bos: int, eos: int, K: int, L: int, length_penalty
             scores = tf.reshape(top_scores, [-1])
             if K > 1:  # beams reorder: every row follows its source
                 src = tf.reshape(top // V, [-1]) + offsets
-                h, c = tf.gather(h, src), tf.gather(c, src)
+                state = [tf.gather(s, src) for s in state]
                 seqs, finished = tf.gather(seqs, src), tf.gather(finished, src)
             seqs = tf.where(tf.equal(tf.range(L), t)[None, :], tok[:, None], seqs)
             finished = finished | tf.equal(tok, eos)
-            return t + 1, h, c, scores, seqs, finished, tok
+            return t + 1, tuple(state), scores, seqs, finished, tok
 
-        def cond(t, h, c, scores, seqs, finished, tokens):
+        def cond(t, state, scores, seqs, finished, tokens):
             return (t < L) & ~tf.reduce_all(finished)
 
-        t, _, _, scores, seqs, _, _ = tf.while_loop(
-            cond, body, (tf.constant(0), h, c, scores, seqs, finished, tokens), maximum_iterations=L)
+        t, _, scores, seqs, _, _ = tf.while_loop(
+            cond, body, (tf.constant(0), state, scores, seqs, finished, tokens), maximum_iterations=L)
         is_eos = tf.equal(seqs, eos) & (tf.range(L)[None, :] < t)
         lengths = tf.where(tf.reduce_any(is_eos, axis=1), tf.argmax(tf.cast(is_eos, tf.int32), axis=1, output_type=tf.int32), t)
         if length_penalty:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from toolkit import __version__
-from toolkit.config import DecoderConfig, EncoderConfig, TrainConfig, from_dict
+from toolkit.config import ADDED_FIELDS, DecoderConfig, EncoderConfig, TrainConfig, from_dict
 from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
 from toolkit.errors import CapkitError
 from toolkit.pack import (
@@ -94,14 +94,21 @@ def build_pack(
     beam: int = 3,
     report: Report | None = None,
 ) -> BuildResult:
-    """Every stage, in order: read, translate, encode, tokenize, train, score, write `packs_dir/lang/`."""
+    """Every stage, in order: read, translate, encode, tokenize, train, score, write `packs_dir/lang/`.
+
+    An "attention" decoder (`decoder_config.architecture`) trains and is
+    scored on the encoder's feature grids, extracted and cached alongside
+    the pooled features; the retrieval baseline stays on pooled features.
+    """
     report = report or Report()
     enc_cfg = encoder_config or EncoderConfig()
     dec_cfg = decoder_config or DecoderConfig()
     tr_cfg = train_config or TrainConfig()
-    from toolkit.decoder import distribution_strategy
+    from toolkit.decoder import decoder_class, distribution_strategy
 
+    decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
     distribution_strategy(tr_cfg.strategy)  # checks the name; collective strategies must exist before TF runs an op
+    grid = dec_cfg.architecture == "attention"
     packs_dir = Path(packs_dir)
     images_dir = Path(images_dir)
     started = time.perf_counter()
@@ -166,7 +173,7 @@ def build_pack(
         report("warning", message="encoder has RANDOM weights (--encoder-weights none): fine for tests and the demo, useless for real photos")
     all_names = [n for s in present.values() for n in s]
     ex = encoder.extract([images_dir / n for n in all_names],
-                         progress=lambda d, t: report("progress", stage="encode", done=d, total=t))
+                         progress=lambda d, t: report("progress", stage="encode", done=d, total=t), grid=grid)
     for path, msg in ex.failures.items():
         report("warning", message=msg)
     report("encoded", extracted=ex.n_extracted, cached=ex.n_cached, seconds=ex.seconds)
@@ -187,6 +194,10 @@ def build_pack(
     report("stage", name="train")
     from toolkit.decoder import Sequences, train_decoder
 
+    def decoder_features(split):
+        keys = [key_of[n] for n in present.get(split, [])]
+        return encoder.grid_features(keys) if grid else encoder.features(keys)
+
     def sequences(split):
         names = present.get(split, [])
         idx, toks = [], []
@@ -194,13 +205,18 @@ def build_pack(
             enc = tokenizer.encode(texts[n])
             idx += [i] * len(enc)
             toks += enc
-        return encoder.features([key_of[n] for n in names]), Sequences(np.array(idx, np.int32), toks)
+        return decoder_features(split), Sequences(np.array(idx, np.int32), toks)
 
     train_f, train_s = sequences("train")
     dev_f, dev_s = sequences("dev")
+    train_pooled = encoder.features([key_of[n] for n in present["train"]])  # the retrieval baseline's
+    defaults = DecoderConfig()
     run_key = hashlib.sha256(json.dumps(
         # Without the strategy: a run interrupted on GPUs may resume on a CPU, the weights are the same.
-        [lang, asdict(dec_cfg), {k: v for k, v in asdict(tr_cfg).items() if k != "strategy"}, encoder.id,
+        # Fields added later count only when set: a build begun before they existed still resumes.
+        [lang, {k: v for k, v in asdict(dec_cfg).items()
+                if k not in ADDED_FIELDS["DecoderConfig"] or v != getattr(defaults, k)},
+         {k: v for k, v in asdict(tr_cfg).items() if k != "strategy"}, encoder.id,
          sorted(present["train"]), train_texts[:50]], sort_keys=True
     ).encode()).hexdigest()[:12]
     work = packs_dir / WORK_DIR / f"{lang}-{run_key}"
@@ -219,11 +235,13 @@ def build_pack(
         names = present.get(split) or []
         if not names:
             continue
-        feats = encoder.features([key_of[n] for n in names])
-        ids = beam_search_batched(step, feats, BOS_ID, EOS_ID, beam, dec_cfg.max_length)
+        keys = [key_of[n] for n in names]
+        ids = beam_search_batched(step, LazyGrids(encoder, keys) if grid else encoder.features(keys),
+                                  BOS_ID, EOS_ID, beam, dec_cfg.max_length)
         hyps = dict(zip(names, tokenizer.decode(ids)))
         refs = {n: texts[n] for n in names}
-        scores[split] = _score_with_baselines(hyps, refs, lang, feats, train_f, present["train"], texts, pack_version, beam)
+        scores[split] = _score_with_baselines(hyps, refs, lang, encoder.features(keys), train_pooled, present["train"],
+                                              texts, pack_version, beam)
 
     # 7. The pack, written whole in a staging folder and swapped in.
     report("stage", name="write")
@@ -321,9 +339,10 @@ def _check_writable(packs_dir: Path) -> None:
 
 def _write_model_card(folder: Path, m: dict) -> None:
     d, t = m["data"], m["training"]
+    kind = "LSTM decoder attending over the feature grid of the" if _architecture(m) == "attention" else "LSTM decoder over the"
     lines = [
         f"# capkit language pack: {m['lang']}", "",
-        f"Image captions in `{m['lang']}` from a {m['decoder']['units']}-unit LSTM decoder over the shared "
+        f"Image captions in `{m['lang']}` from a {m['decoder']['units']}-unit {kind} shared "
         f"{m['encoder']['name']} encoder `{m['encoder']['id']}` (weights: {m['encoder']['source']}).", "",
         "## Data",
         f"- captions: `{d['captions']}` ({d['source_lang']}), translator: {d['translator']}",
@@ -358,7 +377,34 @@ class LoadedPack:
     dir: Path
     manifest: dict
     tokenizer: object
-    step: object
+    step: object  # a KerasStepModel; its `decoder` is the Keras model
+
+    @property
+    def needs_grid(self) -> bool:
+        """Whether the decoder reads feature grids (`Encoder.grid_features`) rather than pooled features."""
+        return _architecture(self.manifest) == "attention"
+
+
+def _architecture(manifest: dict) -> str:
+    """The manifest's decoder architecture; packs from before the field are "lstm" (see config.ADDED_FIELDS)."""
+    return from_dict(DecoderConfig, manifest["decoder"]).architecture
+
+
+class LazyGrids:
+    """The grids of `keys`, read from the memory-mapped cache a slice at a time.
+
+    Stands in for an (n, P, 2048) array in `beam_search_batched`, so a big
+    folder never holds all its grids (800 KB an image at 299 px) at once.
+    """
+
+    def __init__(self, encoder, keys: list[str]):
+        self.encoder, self.keys = encoder, list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.encoder.grid_features(self.keys[rows])
 
 
 def load_pack(packs_dir: Path, lang: str, encoder_id: str | None = None) -> LoadedPack:
@@ -426,16 +472,18 @@ def caption_images(
         raise CapkitError(f"no images found in {', '.join(map(str, inputs))}")
     t0 = time.perf_counter()
     encoder = Encoder.load(packs_dir, enc_ids.pop())
+    grid = any(_architecture(m) == "attention" for m in manifests.values())  # one pass serves every pack
     ex = encoder.extract(paths, progress=lambda d, t: report("progress", stage="encode", done=d, total=t),
-                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, grid=grid)
     t1 = time.perf_counter()
     ok = [p for p in map(str, paths) if p in ex.keys]
-    feats = encoder.features([ex.keys[p] for p in ok])
+    keys = [ex.keys[p] for p in ok]
+    feats = encoder.features(keys)
     by_lang = {}
     for lang in langs:
         pack = load_pack(packs_dir, lang, encoder.id)
-        ids = beam_search_batched(pack.step, feats, BOS_ID, EOS_ID, beam, pack.manifest["decoder"]["max_length"],
-                                  length_penalty, no_repeat_ngram)
+        ids = beam_search_batched(pack.step, LazyGrids(encoder, keys) if pack.needs_grid else feats, BOS_ID, EOS_ID,
+                                  beam, pack.manifest["decoder"]["max_length"], length_penalty, no_repeat_ngram)
         by_lang[lang] = pack.tokenizer.decode(ids)
     t2 = time.perf_counter()
     rows = [{"image": p, "lang": lang, "caption": by_lang[lang][i]} for i, p in enumerate(ok) for lang in langs]
@@ -445,7 +493,7 @@ def caption_images(
 def beam_search_batched(step, feats, bos, eos, beam, max_length, length_penalty=0.0, no_repeat_ngram=0, batch=64):
     """Beam search in chunks of `batch` images, so memory stays flat on big folders.
 
-    A `KerasStepModel` runs the compiled search (one TensorFlow call per
+    `feats` is an array or anything sliceable into arrays (`LazyGrids`). A `KerasStepModel` runs the compiled search (one TensorFlow call per
     chunk); any other `StepModel` the numpy reference, which picks the same ids.
     """
     from toolkit.generate import beam_search
@@ -484,9 +532,15 @@ def evaluate_packs(
     split = read_split(split_file)
     results = []
     encoders: dict[str, Encoder] = {}
+    folders = {lang: find_pack(packs_dir, lang) for lang in langs}
+    manifests = {lang: load_manifest(folder) for lang, folder in folders.items()}
+    # Grids once per encoder, on its first pass, if any pack on it attends.
+    grid_for: dict[str, bool] = {}
+    for m in manifests.values():
+        eid = m["encoder"]["id"]
+        grid_for[eid] = grid_for.get(eid, False) or _architecture(m) == "attention"
     for lang in langs:
-        folder = find_pack(packs_dir, lang)
-        m = load_manifest(folder)
+        folder, m = folders[lang], manifests[lang]
         ref_path = Path(references) if references else folder / REFERENCES_FILE
         refs_all = group_by_image(read_captions(ref_path).captions)
         names = [n for n in split if n in refs_all and (images_dir / n).is_file()]
@@ -500,13 +554,15 @@ def evaluate_packs(
             encoders[eid] = Encoder.load(packs_dir, eid)
         encoder = encoders[eid]
         ex = encoder.extract([images_dir / n for n in names],
-                             progress=lambda d, t: report("progress", stage="encode", done=d, total=t))
+                             progress=lambda d, t: report("progress", stage="encode", done=d, total=t), grid=grid_for[eid])
         for msg in ex.failures.values():
             report("warning", message=f"{msg}; not scored")
         names = [n for n in names if str(images_dir / n) in ex.keys]
-        feats = encoder.features([ex.keys[str(images_dir / n)] for n in names])
+        keys = [ex.keys[str(images_dir / n)] for n in names]
+        feats = encoder.features(keys)  # pooled: the retrieval baseline's, and the lstm decoder's
         pack = load_pack(packs_dir, lang, eid)
-        ids = beam_search_batched(pack.step, feats, BOS_ID, EOS_ID, beam, m["decoder"]["max_length"])
+        ids = beam_search_batched(pack.step, LazyGrids(encoder, keys) if pack.needs_grid else feats,
+                                  BOS_ID, EOS_ID, beam, m["decoder"]["max_length"])
         hyps = dict(zip(names, pack.tokenizer.decode(ids)))
         refs = {n: refs_all[n] for n in names}
         res = corpus_bleu_scores(hyps, refs, lang, bootstrap=bootstrap, pack_version=m["pack_version"]).to_dict()

@@ -1,0 +1,273 @@
+"""The attention decoder: grid features, its config, the decoder itself, its searches, and a tiny pack end to end."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import encoder_with_cache
+
+
+def photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return sorted(folder.iterdir())
+
+
+# -- grid features ------------------------------------------------------------------
+
+
+def test_grid_features_are_cached_and_average_to_the_pooled_ones(tiny_encoder, tmp_path):
+    from toolkit.encoder import FEATURE_DIM
+
+    paths = photos(tmp_path / "imgs", 5)
+    enc = encoder_with_cache(tiny_encoder, tmp_path / "enc")
+    assert enc.grid_size == 3  # Xception at 71 px
+    ex = enc.extract(paths[:3])  # pooled only, as before: no grid written
+    assert ex.n_extracted == 3 and len(enc.grid_cache) == 0
+    pooled_before = enc.features([ex.keys[str(p)] for p in paths[:3]])
+
+    ex = enc.extract(paths, grid=True)  # 3 images need their grid only, 2 need both
+    assert (ex.n_extracted, ex.n_cached) == (5, 0)
+    assert len(enc.cache) == 5 and len(enc.grid_cache) == 5  # pooled rows not written twice
+    keys = [ex.keys[str(p)] for p in paths]
+    grids = enc.grid_features(keys)
+    assert grids.shape == (5, 9, FEATURE_DIM) and grids.dtype == np.float32
+    pooled = enc.features(keys)
+    np.testing.assert_array_equal(pooled[:3], pooled_before)
+    # float16 rows: each stored value is within 2**-11 of its own size.
+    np.testing.assert_allclose(grids.mean(axis=1), pooled, rtol=2e-3, atol=2e-3 * np.abs(pooled).max())
+    assert np.abs(grids - grids.mean(axis=1, keepdims=True)).max() > 0  # positions differ: a real map
+
+    # A second run, or another process on the same folder, extracts nothing.
+    again = encoder_with_cache(tiny_encoder, tmp_path / "enc").extract(paths, grid=True)
+    assert (again.n_extracted, again.n_cached) == (0, 5)
+    assert enc.grid_features([]).shape == (0, 9, FEATURE_DIM)
+
+
+def test_grid_features_stay_in_memory_when_the_cache_is_read_only(tiny_encoder, tmp_path, monkeypatch):
+    import toolkit.encoder
+
+    def refuse(path, data, keep):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(toolkit.encoder, "_append", refuse)
+    paths = photos(tmp_path / "imgs", 3)
+    enc = encoder_with_cache(tiny_encoder, tmp_path / "enc")
+    ex = enc.extract(paths, grid=True)
+    keys = [ex.keys[str(p)] for p in paths]
+    assert ex.n_extracted == 3 and len(enc.grid_cache) == 0
+    np.testing.assert_allclose(enc.grid_features(keys).mean(axis=1), enc.features(keys), rtol=1e-5, atol=1e-12)
+
+
+def test_grid_extraction_keeps_the_encoder_identity(tmp_path):
+    """Pooling moved out of the Keras model into the forward pass: same weights, digest, id and scale."""
+    import keras
+
+    from toolkit.config import EncoderConfig
+    from toolkit.encoder import RANDOM_INIT_SEED, Encoder, _digest
+
+    keras.utils.set_random_seed(RANDOM_INIT_SEED)
+    pooled_model = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3), pooling="avg")
+    enc = Encoder.prepare(EncoderConfig(weights="none", image_size=71), tmp_path)
+    assert enc.identity["digest"] == _digest(pooled_model)
+    noise = np.random.default_rng(0).uniform(-1, 1, (1, 71, 71, 3)).astype(np.float32)
+    peak = float(np.abs(pooled_model(noise).numpy()).max())
+    assert 0.5 <= peak * enc.identity["feature_scale"] < 2
+
+
+# -- config and decoder ----------------------------------------------------------------
+
+
+def test_old_manifests_without_the_architecture_load_as_lstm():
+    from dataclasses import asdict
+
+    from toolkit.config import ADDED_FIELDS, DecoderConfig, from_dict
+    from toolkit.errors import CapkitError
+
+    old = {k: v for k, v in asdict(DecoderConfig()).items() if k not in ADDED_FIELDS["DecoderConfig"]}
+    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm")
+    new = asdict(DecoderConfig(architecture="attention", attention_reg=0.5))
+    assert from_dict(DecoderConfig, new).architecture == "attention"
+    with pytest.raises(CapkitError, match=r"missing \['units'\]"):  # every other field stays required
+        from_dict(DecoderConfig, {k: v for k, v in new.items() if k != "units"})
+
+
+def tiny_attention_data(seed=0, n=16, positions=4, fdim=8, vocab=20):
+    from toolkit.decoder import Sequences
+
+    rng = np.random.default_rng(seed)
+    grids = rng.normal(size=(n, positions, fdim)).astype(np.float32)
+    seqs = Sequences(np.arange(2 * n, dtype=np.int32) % n,
+                     [list(rng.integers(3, vocab, size=rng.integers(2, 7))) for _ in range(2 * n)])
+    return grids, seqs
+
+
+def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path):
+    import tensorflow as tf
+
+    from toolkit.config import DecoderConfig, TrainConfig
+    from toolkit.decoder import AttentionDecoder, load_decoder, save_decoder, train_decoder
+    from toolkit.tokenizer import BOS_ID
+
+    grids, seqs = tiny_attention_data()
+    cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
+                        max_length=8, deep_output=True)
+    model, state = train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2),
+                                 tmp_path / "ck")
+    assert isinstance(model, AttentionDecoder)
+    _, inputs, _ = seqs.arrays(8)
+    inputs = inputs[:5]
+    # Step by step (inference) equals the whole-sequence pass (training), token for token.
+    full = tf.nn.log_softmax(model((grids[:5], inputs))).numpy()
+    state_ = model.initial_state(grids[:5])
+    assert [tuple(s.shape) for s in state_] == [(5, 16), (5, 16), (5, 4, 16), (5, 4, 16)]
+    for t in range(inputs.shape[1]):
+        logp, *state_ = model.step(tf.constant(inputs[:, t]), *state_)
+        np.testing.assert_allclose(logp.numpy(), full[:, t], atol=1e-5)
+    maps = model.attention_maps(grids[:5], inputs)
+    assert maps.shape == (5, 8, 4)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+    # The doubly stochastic penalty is added while training only, and only when asked for.
+    model((grids[:5], inputs), training=True)
+    assert len(model.losses) == 1 and float(model.losses[0]) > 0
+    model.config.attention_reg = 0.0
+    model((grids[:5], inputs), training=True)
+    assert len(model.losses) == 0
+    model.config.attention_reg = 1.0
+    # Weights round-trip through the pack's file.
+    save_decoder(model, tmp_path / "d.weights.h5")
+    again = load_decoder(cfg, tmp_path / "d.weights.h5")
+    np.testing.assert_allclose(tf.nn.log_softmax(again((grids[:5], inputs))).numpy(), full, atol=1e-6)
+
+
+def test_attention_decoder_trains_in_mixed_precision(tmp_path, monkeypatch):
+    """The GPU path (mixed_float16) on the CPU: the loop's tensors in float16, a plain float32 model back."""
+    from toolkit import decoder as dec
+    from toolkit.config import DecoderConfig, TrainConfig
+    from toolkit.generate import KerasStepModel, beam_search, beam_search_tf
+
+    monkeypatch.setattr(dec, "_mixed_precision_wanted", lambda: True)
+    grids, seqs = tiny_attention_data(1)
+    cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.1,
+                        max_length=8)
+    model, state = dec.train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2),
+                                     tmp_path)
+    assert {w.dtype for w in model.weights if "float" in w.dtype} == {"float32"}
+    assert np.isfinite(state["history"][-1]["loss"]) and state["history"][-1]["loss"] < state["history"][0]["loss"]
+    step = KerasStepModel(model)
+    assert beam_search_tf(step, grids, 1, 2, beam=2, max_length=8) == beam_search(step, grids, 1, 2, beam=2, max_length=8)
+
+
+# -- a tiny attention pack, end to end --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attention_packs(tmp_path_factory, tiny_dataset):
+    """An attention `en` pack, built through a Ctrl-C after epoch 1 and a resume, beside an lstm `zh` pack."""
+    from conftest import build_tiny_pack
+    from toolkit.pipeline import Report
+
+    packs = tmp_path_factory.mktemp("attention-packs")
+
+    def stop_after_first_epoch(kind, **f):
+        if kind == "epoch" and f["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    attention = dict(decoder=dict(architecture="attention"))
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_pack("en", tiny_dataset, packs, report=Report(stop_after_first_epoch), **attention)
+    assert not (packs / "en").exists()
+    events = []
+    build_tiny_pack("en", tiny_dataset, packs, report=Report(lambda kind, **f: events.append((kind, f))), **attention)
+    build_tiny_pack("zh", tiny_dataset, packs, train=dict(epochs=1))
+    return packs, events
+
+
+def test_attention_pack_resumes_and_names_its_architecture(attention_packs):
+    from toolkit.encoder import Encoder
+    from toolkit.pack import MODEL_CARD_FILE, load_manifest, verify_files
+
+    packs, events = attention_packs
+    epochs = [f["epoch"] for kind, f in events if kind == "epoch"]
+    assert epochs[0] == 2  # resumed where the Ctrl-C stopped it
+    assert [f for kind, f in events if kind == "encoded"][0]["extracted"] == 0  # features and grids cached by the first try
+    m = load_manifest(packs / "en")
+    assert m["decoder"]["architecture"] == "attention" and load_manifest(packs / "zh")["decoder"]["architecture"] == "lstm"
+    assert verify_files(packs / "en", m) == []
+    assert "attending over the feature grid" in (packs / "en" / MODEL_CARD_FILE).read_text()
+    for system in ("model", "retrieval", "constant"):
+        assert 0 <= m["scores"]["test"][system]["bleu4"] <= 100
+    enc = Encoder.load(packs, m["encoder"]["id"])
+    assert len(enc.grid_cache) == 48 and len(enc.cache) == 48
+
+
+def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tiny_dataset):
+    from toolkit.decoder import AttentionDecoder, CaptionDecoder
+    from toolkit.encoder import Encoder
+    from toolkit.generate import beam_search
+    from toolkit.pack import load_manifest
+    from toolkit.pipeline import caption_images, evaluate_packs, load_pack
+    from toolkit.tokenizer import BOS_ID, EOS_ID
+
+    packs, _ = attention_packs
+    en, zh = load_pack(packs, "en"), load_pack(packs, "zh")
+    assert en.needs_grid and isinstance(en.step.decoder, AttentionDecoder)
+    assert not zh.needs_grid and isinstance(zh.step.decoder, CaptionDecoder)
+
+    imgs = sorted(tiny_dataset["images"].iterdir())[:5]
+    out = caption_images(imgs, ["all"], packs, beam=2)
+    assert len(out.rows) == 10 and not out.failures
+    enc = Encoder.load(packs, en.manifest["encoder"]["id"])
+    grids = enc.grid_features([enc.extract(imgs).keys[str(p)] for p in imgs])
+    want = en.tokenizer.decode(beam_search(en.step, grids, BOS_ID, EOS_ID, beam=2, max_length=16))
+    assert [r["caption"] for r in out.rows if r["lang"] == "en"] == want
+
+    res = evaluate_packs(["en", "zh"], packs, tiny_dataset["images"], tiny_dataset["test"], beam=3)
+    for r in res:
+        m = load_manifest(packs / r["lang"])
+        assert r["bleu4"] == pytest.approx(m["scores"]["test"]["model"]["bleu4"], abs=1e-6)
+        assert r["baselines"]["retrieval"]["bleu4"] == pytest.approx(m["scores"]["test"]["retrieval"]["bleu4"], abs=1e-6)
+
+    # Where the pack looked for each word of its captions (and the end): one distribution over the 3x3 grid per word.
+    ids = en.step.search(grids, BOS_ID, EOS_ID, beam=2, max_length=16)
+    width = max(map(len, ids)) + 1
+    inputs = np.array([[BOS_ID, *c] + [0] * (width - 1 - len(c)) for c in ids], np.int32)
+    maps = en.step.decoder.attention_maps(grids, inputs)
+    assert maps.shape == (5, width, 9) and (maps >= 0).all()
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+
+
+def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
+    import sys
+
+    import toolkit.pipeline
+    from toolkit.cli import main
+    from toolkit.errors import CapkitError
+
+    got = []
+
+    def fake_build(*args, decoder_config, **kw):
+        got.append(decoder_config.architecture)
+        raise CapkitError("stopped here")
+
+    monkeypatch.setattr(toolkit.pipeline, "build_pack", fake_build)
+    base = ["capkit", "build-pack", "en", "--captions", str(tiny_dataset["captions_en"]), "--images",
+            str(tiny_dataset["images"]), "--train-split", str(tiny_dataset["train"]), "--dev-split", str(tiny_dataset["dev"]),
+            "--packs-dir", str(tmp_path)]
+    for flags, want in (([], "lstm"), (["--decoder", "attention"], "attention"), (["--decoder", "merge"], None)):
+        monkeypatch.setattr(sys, "argv", base + flags)
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code != 0
+        err = capsys.readouterr().err
+        if want:
+            assert got.pop() == want and "stopped here" in err
+        else:
+            assert "--decoder must be one of lstm, attention, not 'merge'" in err and not got
