@@ -133,3 +133,38 @@ def test_features_are_normalised_inside_the_decoder(tiny_packs):
     norm = pack.step.decoder.norm
     mean = np.asarray(norm.mean).ravel()
     assert mean.shape == (2048,) and np.abs(mean).max() < 1.0 and np.abs(mean).max() > 0
+
+
+def test_translated_build_writes_a_quality_report_beside_the_cache(tiny_dataset, tmp_path):
+    """file: translations (zh aligned to en by id) go through the translation stage and report on themselves."""
+    import json as _json
+
+    from conftest import TINY_DECODER, TINY_ENCODER
+    from toolkit.config import DecoderConfig, EncoderConfig, TrainConfig
+    from toolkit.pipeline import build_pack
+
+    d = tiny_dataset
+    res = build_pack("zh", d["captions_en"], d["images"], {"train": d["train"], "dev": d["dev"]}, tmp_path,
+                     source_lang="en", translator=f"file:{d['captions_zh']}",
+                     encoder_config=EncoderConfig(**TINY_ENCODER), decoder_config=DecoderConfig(**TINY_DECODER),
+                     train_config=TrainConfig(epochs=1))
+    assert res.manifest["data"]["translator"].startswith("file:")
+    report = tmp_path / ".cache" / "zh-file-captions.zh.txt.quality.json"
+    assert _json.loads(report.read_text())
+    # The pack's captions are the Chinese ones, aligned by id.
+    text = (res.pack_dir / "captions.txt").read_text(encoding="utf-8")
+    assert "背景" in text and "background" not in text
+
+
+def test_evaluate_all_skips_packs_without_references(tiny_packs, tiny_dataset, tmp_path):
+    from toolkit.pipeline import Report, evaluate_packs
+
+    packs = tmp_path / "packs"
+    shutil.copytree(tiny_packs, packs)
+    (packs / "zh" / "references.txt").unlink()
+    rep = Report()
+    res = evaluate_packs(["all"], packs, tiny_dataset["images"], tiny_dataset["test"], report=rep)
+    assert [r["lang"] for r in res] == ["en"]
+    assert any(w.startswith("zh:") for w in rep.warnings)
+    with pytest.raises(CapkitError):
+        evaluate_packs(["zh"], packs, tiny_dataset["images"], tiny_dataset["test"])

@@ -158,6 +158,12 @@ def build_pack(
             **(translator_options or {}),
         )
         translator_used = translator
+        from toolkit.translate import write_quality_report
+
+        # Beside the translations (the cache), so a user can inspect what the translator did.
+        tag = "file-" + Path(translator[5:]).name if translator.startswith("file:") else translator
+        (packs_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+        write_quality_report(packs_dir / CACHE_DIR / f"{lang}-{tag}.quality.json", trep)
         for k in ("empty", "identical", "ratio_outliers"):
             items = (trep.quality or {}).get(k)
             if items:
@@ -528,6 +534,7 @@ def evaluate_packs(
 
     report = report or Report()
     packs_dir, images_dir = Path(packs_dir), Path(images_dir)
+    every = "all" in langs
     langs = resolve_langs(packs_dir, langs)
     split = read_split(split_file)
     results = []
@@ -542,13 +549,22 @@ def evaluate_packs(
     for lang in langs:
         folder, m = folders[lang], manifests[lang]
         ref_path = Path(references) if references else folder / REFERENCES_FILE
-        refs_all = group_by_image(read_captions(ref_path).captions)
+        try:
+            refs_all = group_by_image(read_captions(ref_path).captions)
+        except CapkitError:
+            if not every:
+                raise
+            refs_all = {}
         names = [n for n in split if n in refs_all and (images_dir / n).is_file()]
         n_missing = sum(1 for n in split if n in refs_all and not (images_dir / n).is_file())
         if n_missing:
             report("warning", message=f"{n_missing} images of {split_file} with references are not in {images_dir}; skipped")
         if not names:
-            raise CapkitError(f"no image of {split_file} has both a reference in {ref_path} and a file in {images_dir}")
+            msg = f"no image of {split_file} has both a reference in {ref_path} and a file in {images_dir}"
+            if every:  # --lang all: score the packs that can be scored, say which could not
+                report("warning", message=f"{lang}: {msg}; not evaluated")
+                continue
+            raise CapkitError(msg)
         eid = m["encoder"]["id"]
         if eid not in encoders:
             encoders[eid] = Encoder.load(packs_dir, eid)
@@ -595,4 +611,7 @@ def evaluate_packs(
                     entry["baselines"][name]["vs_pack"] = {"p_pack_better": pb["p_a_better"], "delta_bleu4_ci": pb["delta_ci"]}
         entry["captions"] = hyps
         results.append(entry)
+    if not results:
+        raise CapkitError(f"no installed pack has references for the images of {split_file}",
+                          hint="pass --references with captions of those images")
     return results
