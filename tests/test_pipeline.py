@@ -168,3 +168,31 @@ def test_evaluate_all_skips_packs_without_references(tiny_packs, tiny_dataset, t
     assert any(w.startswith("zh:") for w in rep.warnings)
     with pytest.raises(CapkitError):
         evaluate_packs(["zh"], packs, tiny_dataset["images"], tiny_dataset["test"])
+
+
+@pytest.mark.parametrize("architecture", ["lstm", "attention"])
+def test_training_from_the_memory_map_matches_training_from_memory(tiny_dataset, tmp_path, monkeypatch, architecture):
+    """Above a size threshold features are read batch by batch from the cache's memory map; same losses."""
+    import toolkit.pipeline as pipeline
+
+    dense = build_tiny_pack("en", tiny_dataset, tmp_path / "a", train=dict(epochs=2),
+                            decoder=dict(architecture=architecture))
+    monkeypatch.setattr(pipeline, "IN_MEMORY_FEATURES_BYTES", 0)
+    lazy = build_tiny_pack("en", tiny_dataset, tmp_path / "b", train=dict(epochs=2),
+                           decoder=dict(architecture=architecture))
+    a = [h["loss"] for h in json.loads((dense.pack_dir / "history.json").read_text())]
+    b = [h["loss"] for h in json.loads((lazy.pack_dir / "history.json").read_text())]
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_feature_view_reads_rows_lazily(tiny_packs, tiny_dataset):
+    from toolkit.encoder import Encoder
+
+    enc = Encoder.load(tiny_packs, load_manifest(tiny_packs / "en")["encoder"]["id"])
+    imgs = sorted(tiny_dataset["images"].iterdir())[:4]
+    ex = enc.extract(imgs)
+    keys = [ex.keys[str(p)] for p in imgs]
+    view = enc.features_view(keys)
+    assert view.shape == (4, 2048) and len(view) == 4
+    np.testing.assert_array_equal(view[[2, 0]], enc.features([keys[2], keys[0]]))
+    assert sum(len(c) for c in view.chunks(3)) == 4

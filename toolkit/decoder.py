@@ -272,7 +272,18 @@ class Sequences:
 def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int,
              shard_by_data: bool = False):
     idx, inp, tgt = seqs.arrays(cfg.max_length)
-    feats = tf.constant(features, tf.float32)
+    if isinstance(features, np.ndarray):
+        feats = tf.constant(features, tf.float32)
+
+        def gather(i):
+            return tf.gather(feats, i)
+    else:  # a FeatureView: each batch reads its rows from the memory-mapped cache
+        row_shape = list(features.shape[1:])
+
+        def gather(i):
+            rows = tf.numpy_function(lambda j: features[j], [i], tf.float32, stateful=False)
+            rows.set_shape([None, *row_shape])
+            return rows
     ds = tf.data.Dataset.from_tensor_slices((idx, inp, tgt))
     if shuffle:
         ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
@@ -280,7 +291,7 @@ def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: i
     def assemble(i, x, y):
         # Pad by batch: cut the columns no caption of this batch reaches.
         t = tf.reduce_max(tf.reduce_sum(tf.cast(x != PAD_ID, tf.int32), axis=1))
-        return (tf.gather(feats, i), x[:, :t]), y[:, :t]
+        return (gather(i), x[:, :t]), y[:, :t]
 
     ds = ds.batch(batch).map(assemble, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
     if shard_by_data:  # in-memory data has no files to shard by: each worker takes its share of every batch
@@ -288,6 +299,14 @@ def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: i
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         ds = ds.with_options(options)
     return ds
+
+
+def _adapt_data(features):
+    """Arrays as they are; a FeatureView as a dataset of row blocks, never all in memory."""
+    if isinstance(features, np.ndarray):
+        return features
+    spec = tf.TensorSpec([None, *features.shape[1:]], tf.float32)
+    return tf.data.Dataset.from_generator(features.chunks, output_signature=spec)
 
 
 _strategies: dict[str, object] = {}
@@ -405,7 +424,7 @@ def train_decoder(
             keras.config.set_dtype_policy(MIXED_PRECISION_POLICY)
         try:
             model = decoder_class(config)(config)
-            model.norm.adapt(train_features)  # statistics of the train split, stored with the weights
+            model.norm.adapt(_adapt_data(train_features))  # train-split statistics, stored with the weights
             model.build_all(config.feature_dim)
         finally:
             keras.config.set_dtype_policy(policy)

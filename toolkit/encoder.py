@@ -160,6 +160,34 @@ class Extraction:
         return self.n_extracted / self.seconds if self.seconds > 0 else 0.0
 
 
+class FeatureView:
+    """Features of some images, read from the cache's memory map only when indexed.
+
+    `view[[3, 0, 7]]` gives those rows as float32; nothing is loaded up front,
+    so a train split whose features exceed RAM (COCO's grids) still trains.
+    `decoder.train_decoder` accepts it wherever it takes an array.
+    """
+
+    def __init__(self, read: Callable[[list[str]], np.ndarray], keys: list[str], row_shape: tuple[int, ...]):
+        self.keys = list(keys)
+        self._read = read
+        self.shape = (len(self.keys), *row_shape)
+        self.dtype = np.dtype(np.float32)
+        self.nbytes = int(np.prod(self.shape)) * 4
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        return self._read([self.keys[i] for i in idx]).reshape(len(idx), *self.shape[1:])
+
+    def chunks(self, size: int = 512):
+        """Consecutive blocks of rows, for statistics over all of them."""
+        for i in range(0, len(self), size):
+            yield self[np.arange(i, min(i + size, len(self)))]
+
+
 class Encoder:
     """Xception (no top) with an identity and feature caches: pooled vectors, and grids on request.
 
@@ -337,6 +365,12 @@ class Encoder:
         else:
             rows = self.grid_cache.get(keys)
         return rows.reshape(len(keys), P, FEATURE_DIM)
+
+    def features_view(self, keys: list[str], grid: bool = False) -> FeatureView:
+        """Like `features` / `grid_features`, but read lazily from the memory map."""
+        if grid:
+            return FeatureView(self.grid_features, keys, (self.grid_size**2, FEATURE_DIM))
+        return FeatureView(self.features, keys, (FEATURE_DIM,))
 
     def encode_arrays(self, images: np.ndarray) -> np.ndarray:
         """Features of in-memory uint8 images (n, s, s, 3); no cache involved."""

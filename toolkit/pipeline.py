@@ -28,6 +28,7 @@ from toolkit.pack import (
     installed_packs, load_manifest, validate_manifest,
 )
 
+IN_MEMORY_FEATURES_BYTES = 2 << 30  # above this, training reads features memory-mapped
 WORK_DIR = ".work"          # per-build checkpoints, removed once the pack is installed
 CACHE_DIR = ".cache"        # translation cache shared by all builds
 TRANSLATION_CACHE_FILE = "translations.sqlite"
@@ -202,7 +203,9 @@ def build_pack(
 
     def decoder_features(split):
         keys = [key_of[n] for n in present.get(split, [])]
-        return encoder.grid_features(keys) if grid else encoder.features(keys)
+        view = encoder.features_view(keys, grid=grid)
+        # Small splits train fastest from memory; large ones read the memory map batch by batch.
+        return view if view.nbytes > IN_MEMORY_FEATURES_BYTES else view[np.arange(len(view))]
 
     def sequences(split):
         names = present.get(split, [])
