@@ -55,7 +55,6 @@ class TrainConfig:
     learning_rate: float = 2e-3 # Adam; halved when dev loss stalls
     patience: int = 3           # epochs without dev-loss improvement before stopping
     seed: int = 0               # shuffling and initialisation
-    label_smoothing: float = 0.0  # on the token cross-entropy
     strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs), multiworker (TF_CONFIG)
 
 
