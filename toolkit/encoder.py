@@ -351,20 +351,23 @@ class Encoder:
 
     def features(self, keys: list[str]) -> np.ndarray:
         """(n, 2048) float32 features of cached images, in `keys` order."""
-        if self._memory:
-            return np.stack([self._memory[k] if k in self._memory else self.cache.get([k])[0] for k in keys]) if keys else np.zeros((0, FEATURE_DIM), np.float32)
-        return self.cache.get(keys)
+        return self._rows(self.cache, self._memory, keys, FEATURE_DIM)
 
     def grid_features(self, keys: list[str]) -> np.ndarray:
         """(n, G*G, 2048) float32 feature maps of images extracted with `grid=True`, positions row-major."""
         P = self.grid_size**2
+        return self._rows(self.grid_cache, self._grid_memory, keys, P * FEATURE_DIM).reshape(len(keys), P, FEATURE_DIM)
+
+    @staticmethod
+    def _rows(cache: "FeatureCache | None", memory: dict[str, np.ndarray], keys: list[str], width: int) -> np.ndarray:
+        """Rows from the on-disk cache, or from this run's memory where the cache was not writable."""
         if not keys:
-            return np.zeros((0, P, FEATURE_DIM), np.float32)
-        if self._grid_memory:
-            rows = np.stack([self._grid_memory[k] if k in self._grid_memory else self.grid_cache.get([k])[0] for k in keys])
-        else:
-            rows = self.grid_cache.get(keys)
-        return rows.reshape(len(keys), P, FEATURE_DIM)
+            return np.zeros((0, width), np.float32)
+        if not memory:
+            return cache.get(keys)
+        on_disk = [k for k in keys if k not in memory]
+        disk = dict(zip(on_disk, cache.get(on_disk))) if on_disk else {}
+        return np.stack([memory[k] if k in memory else disk[k] for k in keys]).astype(np.float32, copy=False)
 
     def features_view(self, keys: list[str], grid: bool = False) -> FeatureView:
         """Like `features` / `grid_features`, but read lazily from the memory map."""
