@@ -261,7 +261,8 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
     base = ["capkit", "build-pack", "en", "--captions", str(tiny_dataset["captions_en"]), "--images",
             str(tiny_dataset["images"]), "--train-split", str(tiny_dataset["train"]), "--dev-split", str(tiny_dataset["dev"]),
             "--packs-dir", str(tmp_path)]
-    for flags, want in (([], "lstm"), (["--decoder", "attention"], "attention"), (["--decoder", "merge"], None)):
+    for flags, want in (([], "lstm"), (["--decoder", "attention"], "attention"), (["--decoder", "merge"], "merge"),
+                        (["--decoder", "transformer"], None)):
         monkeypatch.setattr(sys, "argv", base + flags)
         with pytest.raises(SystemExit) as e:
             main()
@@ -270,4 +271,4 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
         if want:
             assert got.pop() == want and "stopped here" in err
         else:
-            assert "--decoder must be one of lstm, attention, not 'merge'" in err and not got
+            assert "--decoder must be one of lstm, attention, merge, not 'transformer'" in err and not got

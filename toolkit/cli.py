@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 
+from toolkit.config import SEARCH
 from toolkit.errors import CapkitError
 
 app = typer.Typer(
@@ -101,6 +102,29 @@ def _encoder_config(weights: str, image_size: int, batch_size: int):
     return EncoderConfig(weights=weights, image_size=image_size, batch_size=batch_size)
 
 
+def _search_options(beam: int, length_penalty: float, no_repeat_ngram: int) -> dict:
+    """The search flags, checked."""
+    _at_least("--beam", beam, 1)
+    _at_least("--no-repeat-ngram", no_repeat_ngram, 0)
+    if not length_penalty >= 0:
+        raise CapkitError(f"--length-penalty must be 0 or more, not {length_penalty}")
+    return dict(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
+
+
+def BeamOption(help_="Beam width; 1 is greedy."):
+    return typer.Option(SEARCH.beam, "--beam", help=help_)
+
+
+def LengthPenaltyOption():
+    return typer.Option(SEARCH.length_penalty, "--length-penalty",
+                        help="Choose the final beam by log-probability / (length + 1)**this; 0 favours short captions.")
+
+
+def NoRepeatOption():
+    return typer.Option(SEARCH.no_repeat_ngram, "--no-repeat-ngram",
+                        help="Forbid any n-gram of this many tokens twice in a caption; 0 allows repeats.")
+
+
 @app.command("build-pack")
 def build_pack(
     lang: str = typer.Argument(..., help="Target language, ISO 639-1 (en, zh, ar, tr, ...)."),
@@ -118,8 +142,9 @@ def build_pack(
     image_size: int = typer.Option(299, "--image-size", help="Encoder input side (Xception: 299; at least 71)."),
     packs_dir: Optional[Path] = PacksDir,
     decoder: str = typer.Option("lstm", "--decoder",
-                                help="lstm (the image sets the LSTM's first state) or attention (the LSTM looks over "
-                                "the encoder's feature grid for every word; caches the grids, 400 KB an image at 299 px)."),
+                                help="lstm (the image sets the LSTM's first state), attention (the LSTM looks over "
+                                "the encoder's feature grid for every word; caches the grids, 400 KB an image at 299 px) "
+                                "or merge (the classic tutorials' design, for comparison)."),
     epochs: int = typer.Option(30, "--epochs", help="Most epochs; early stopping on dev loss ends sooner."),
     vocab_size: int = typer.Option(2000, "--vocab-size", help="Tokenizer vocabulary (a cap; small corpora get less)."),
     units: int = typer.Option(512, "--units", help="LSTM width."),
@@ -127,8 +152,11 @@ def build_pack(
     dropout: float = typer.Option(0.5, "--dropout"),
     batch_size: int = typer.Option(64, "--batch-size", help="Captions per training step."),
     learning_rate: float = typer.Option(2e-3, "--learning-rate"),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Target probability spread over the vocabulary."),
     patience: int = typer.Option(3, "--patience", help="Epochs without dev improvement before stopping."),
-    beam: int = typer.Option(3, "--beam", help="Beam width for the scores written into the pack."),
+    beam: int = BeamOption("Beam width for the scores written into the pack."),
+    length_penalty: float = LengthPenaltyOption(),
+    no_repeat_ngram: int = NoRepeatOption(),
     pack_version: str = typer.Option("1.0.0", "--pack-version"),
     seed: int = typer.Option(0, "--seed"),
     strategy: str = typer.Option("default", "--strategy",
@@ -143,8 +171,7 @@ def build_pack(
     _check_lang(source_lang)
     if epochs < 1:
         raise CapkitError(f"--epochs must be at least 1, not {epochs}")
-    if beam < 1:
-        raise CapkitError(f"--beam must be at least 1, not {beam}")
+    search = _search_options(beam, length_penalty, no_repeat_ngram)
     for flag, value, low in (("--image-size", image_size, 71), ("--units", units, 1),
                              ("--embed-dim", embed_dim, 1), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
         _at_least(flag, value, low)
@@ -152,6 +179,8 @@ def build_pack(
         raise CapkitError(f"--dropout must be in [0, 1), not {dropout}")
     if not learning_rate > 0:
         raise CapkitError(f"--learning-rate must be positive, not {learning_rate}")
+    if not 0 <= label_smoothing < 1:
+        raise CapkitError(f"--label-smoothing must be in [0, 1), not {label_smoothing}")
     if splits:
         from toolkit.pipeline import find_split_files
 
@@ -171,9 +200,9 @@ def build_pack(
         encoder_config=_encoder_config(encoder_weights, image_size, 32),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout),
-        train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, patience=patience, seed=seed,
-                                 strategy=strategy),
-        pack_version=pack_version, beam=beam, report=Report(_Progress()),
+        train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                 label_smoothing=label_smoothing, patience=patience, seed=seed, strategy=strategy),
+        pack_version=pack_version, report=Report(_Progress()), **search,
     )
     m = result.manifest
     typer.echo(f"pack {lang} written to {result.pack_dir} in {m['build_seconds']:.0f}s "
@@ -183,8 +212,18 @@ def build_pack(
     for split, systems in m["scores"].items():
         rows = [_bleu_from_dict(systems["model"])]
         base = {lang: {k: _bleu_from_dict(v) for k, v in systems.items() if k != "model"}}
-        typer.echo(f"\n{split} split (beam {systems['model'].get('beam')}):")
+        typer.echo(f"\n{split} split ({_search_text(systems['model'])}):")
         typer.echo(format_table(rows, base))
+
+
+def _search_text(d: dict) -> str:
+    """'beam 3, length penalty 1.0, no repeated 3-grams' from a scores entry."""
+    parts = [f"beam {d.get('beam')}"]
+    if d.get("length_penalty"):
+        parts.append(f"length penalty {d['length_penalty']:g}")
+    if d.get("no_repeat_ngram"):
+        parts.append(f"no repeated {d['no_repeat_ngram']}-grams")
+    return ", ".join(parts)
 
 
 def _bleu_from_dict(d: dict):
@@ -203,9 +242,9 @@ def _bleu_from_dict(d: dict):
 def caption(
     inputs: List[Path] = typer.Argument(..., help="Images or folders of images."),
     lang: List[str] = typer.Option(..., "--lang", help="Pack language; repeat for several, or 'all'."),
-    beam: int = typer.Option(3, "--beam", help="Beam width; 1 is greedy."),
-    length_penalty: float = typer.Option(0.0, "--length-penalty", help="Divide beam scores by length**this."),
-    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", help="Forbid repeating any n-gram of this size."),
+    beam: int = BeamOption(),
+    length_penalty: float = LengthPenaltyOption(),
+    no_repeat_ngram: int = NoRepeatOption(),
     fmt: str = typer.Option("text", "--format", help="text or json."),
     max_pixels: int = typer.Option(100_000_000, "--max-pixels", help="Refuse images with more pixels (decompression bombs)."),
     packs_dir: Optional[Path] = PacksDir,
@@ -215,12 +254,12 @@ def caption(
         raise CapkitError(f"--format must be text or json, not {fmt!r}")
     for code in lang:
         code == "all" or _check_lang(code)
-    _at_least("--no-repeat-ngram", no_repeat_ngram, 0)
+    search = _search_options(beam, length_penalty, no_repeat_ngram)
     _at_least("--max-pixels", max_pixels, 1)
     from toolkit.pipeline import Report, caption_images
 
-    out = caption_images(inputs, lang, _packs_dir(packs_dir), beam=beam, length_penalty=length_penalty,
-                         no_repeat_ngram=no_repeat_ngram, max_pixels=max_pixels, report=Report(_Progress(quiet=True)))
+    out = caption_images(inputs, lang, _packs_dir(packs_dir), max_pixels=max_pixels,
+                         report=Report(_Progress(quiet=True)), **search)
     # A file name that is not UTF-8 must not crash the output after all the work: show it with U+FFFD.
     rows = [{**r, "image": typer.format_filename(r["image"])} for r in out.rows]
     if fmt == "json":
@@ -246,7 +285,9 @@ def evaluate(
     references: Optional[Path] = typer.Option(None, "--references", help="Reference captions (default: the pack's own references.txt)."),
     images: Path = typer.Option(..., "--images", help="Folder of the photos."),
     split: Path = typer.Option(..., "--split", help="File of the image names to score (e.g. the test split)."),
-    beam: int = typer.Option(3, "--beam"),
+    beam: int = BeamOption(),
+    length_penalty: float = LengthPenaltyOption(),
+    no_repeat_ngram: int = NoRepeatOption(),
     bootstrap: int = typer.Option(0, "--bootstrap", help="Resamples for 95% confidence intervals (e.g. 1000)."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
     packs_dir: Optional[Path] = PacksDir,
@@ -254,16 +295,15 @@ def evaluate(
     """Corpus BLEU-1..4 per language, beside constant-caption and retrieval baselines."""
     if fmt not in ("table", "json"):
         raise CapkitError(f"--format must be table or json, not {fmt!r}")
-    if beam < 1:
-        raise CapkitError(f"--beam must be at least 1, not {beam}")
+    search = _search_options(beam, length_penalty, no_repeat_ngram)
     _at_least("--bootstrap", bootstrap, 0)
     for code in lang:
         code == "all" or _check_lang(code)
     from toolkit.evaluate import format_table
     from toolkit.pipeline import Report, evaluate_packs
 
-    results = evaluate_packs(lang, _packs_dir(packs_dir), images, split, references, beam=beam, bootstrap=bootstrap,
-                             report=Report(_Progress(quiet=True)))
+    results = evaluate_packs(lang, _packs_dir(packs_dir), images, split, references, bootstrap=bootstrap,
+                             report=Report(_Progress(quiet=True)), **search)
     if fmt == "json":
         typer.echo(json.dumps([{k: v for k, v in r.items() if k != "captions"} for r in results], ensure_ascii=False, indent=1))
     else:

@@ -28,13 +28,15 @@ class EncoderConfig:
     workers: int = 4            # threads decoding and resizing images ahead of the model
 
 
-DECODER_ARCHITECTURES = ("lstm", "attention")
+DECODER_ARCHITECTURES = ("lstm", "attention", "merge")
 
 
 @dataclass
 class DecoderConfig:
     # "lstm": the pooled image vector sets the LSTM's initial state (toolkit.decoder.CaptionDecoder);
-    # "attention": the LSTM attends over the encoder's feature grid at every word (AttentionDecoder).
+    # "attention": the LSTM attends over the encoder's feature grid at every word (AttentionDecoder);
+    # "merge": the classic tutorials' design, image vector added to the LSTM's output (MergeDecoder), kept as
+    # the reference point the others must beat.
     architecture: str = "lstm"
     vocab_size: int = 2000      # SentencePiece vocabulary; a soft cap, shrunk for small corpora
     feature_dim: int = 2048     # encoder output width (channels of the Xception feature map)
@@ -53,16 +55,32 @@ class TrainConfig:
     epochs: int = 30            # upper bound; early stopping on dev loss usually ends sooner
     batch_size: int = 64        # captions per step
     learning_rate: float = 2e-3 # Adam; halved when dev loss stalls
+    label_smoothing: float = 0.0  # share of each target's probability spread over the whole vocabulary
     patience: int = 3           # epochs without dev-loss improvement before stopping
     seed: int = 0               # shuffling and initialisation
     strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs), multiworker (TF_CONFIG)
+
+
+@dataclass
+class SearchConfig:
+    """How captions are generated, by default, by `caption`, `evaluate`, `report` and the scores of `build-pack`.
+
+    Chosen on the dev split (docs/experiments.md); every command can override each field.
+    """
+
+    beam: int = 3                 # beams per image; 1 is greedy
+    length_penalty: float = 0.0   # final beam choice by log-probability / (length + 1)**this; 0 favours short captions
+    no_repeat_ngram: int = 0      # forbid any n-gram of this many tokens twice in one caption; 0 allows all
+
+
+SEARCH = SearchConfig()
 
 
 # Fields added after packs were first written, by class. A manifest that lacks one
 # predates it, and the field's default is what those packs were: every pack before
 # `architecture` is an "lstm" one, which the attention settings do not touch. Any
 # other missing field is still an error.
-ADDED_FIELDS = {"DecoderConfig": ("architecture", "attention_reg", "deep_output")}
+ADDED_FIELDS = {"DecoderConfig": ("architecture", "attention_reg", "deep_output"), "TrainConfig": ("label_smoothing",)}
 
 
 def from_dict(cls, data: dict):

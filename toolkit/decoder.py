@@ -1,11 +1,13 @@
 """The per-language decoders and their training.
 
-Two architectures, chosen by `DecoderConfig.architecture`:
+Three architectures, chosen by `DecoderConfig.architecture`:
 
 - "lstm" (`CaptionDecoder`): the pooled image vector enters as the LSTM's
   initial state (normalised features -> Dense -> h0, c0);
 - "attention" (`AttentionDecoder`): Show, Attend and Tell; the LSTM looks
-  at the encoder's feature grid afresh for every word.
+  at the encoder's feature grid afresh for every word;
+- "merge" (`MergeDecoder`): the classic tutorials' design, the image vector
+  added to the LSTM's output; the reference point the others must beat.
 
 Both train on tokens by teacher forcing over whole captions, loss masked on
 padding. Feature normalisation is a Keras `Normalization` layer adapted on
@@ -217,7 +219,59 @@ class AttentionDecoder(keras.Model):
         return self
 
 
-DECODERS = {"lstm": CaptionDecoder, "attention": AttentionDecoder}
+class MergeDecoder(keras.Model):
+    """The classic tutorials' "merge" captioner, kept as the reference point the other decoders must beat.
+
+    The LSTM reads the words alone; the image enters after it: the pooled
+    features (normalised, dropout, Dense relu) are added to the LSTM's output
+    at every step, then Dense relu and the head. The LSTM starts from zeros.
+    The decoding state is (h, c, image vector), the vector carried so beams
+    reorder it with h and c.
+    """
+
+    def __init__(self, config: DecoderConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        c = config
+        self.norm = keras.layers.Normalization(axis=-1)
+        self.feat_drop = keras.layers.Dropout(c.dropout)
+        self.image = keras.layers.Dense(c.units, activation="relu")
+        self.embed = keras.layers.Embedding(c.vocab_size, c.embed_dim, mask_zero=True)
+        self.emb_drop = keras.layers.Dropout(c.dropout)
+        self.lstm = keras.layers.LSTM(c.units, return_sequences=True)
+        self.merge = keras.layers.Dense(c.units, activation="relu")
+        self.head = keras.layers.Dense(c.vocab_size, dtype="float32")
+
+    def initial_state(self, features, training=False):
+        v = self.image(self.feat_drop(self.norm(features), training=training))
+        zeros = tf.zeros_like(v)
+        return zeros, zeros, v
+
+    def call(self, inputs, training=False):
+        features, tokens = inputs
+        _, _, v = self.initial_state(features, training)
+        x = self.emb_drop(self.embed(tokens), training=training)
+        y = self.lstm(x, mask=tokens != PAD_ID, training=training)
+        return self.head(self.merge(y + v[:, None, :]))
+
+    def step(self, tokens, h, c, v):
+        """One token per row -> (log-probabilities of the next token, h, c, image vector)."""
+        y, (h, c) = self.lstm.cell(tf.gather(self.embed.embeddings, tokens), [h, c])
+        return tf.nn.log_softmax(tf.cast(self.head(self.merge(y + v)), tf.float32)), h, c, v
+
+    def feature_spec(self):
+        """What `initial_state` takes: pooled features (n, feature_dim)."""
+        return tf.TensorSpec([None, self.config.feature_dim], tf.float32)
+
+    def build_all(self, feature_dim: int) -> "MergeDecoder":
+        """Create every weight (needed before load_weights)."""
+        if not self.norm.built:
+            self.norm.build((None, feature_dim))
+        self((np.zeros((1, feature_dim), np.float32), np.full((1, 2), BOS_ID, np.int32)))
+        return self
+
+
+DECODERS = {"lstm": CaptionDecoder, "attention": AttentionDecoder, "merge": MergeDecoder}
 assert tuple(DECODERS) == DECODER_ARCHITECTURES
 
 
@@ -383,6 +437,39 @@ class _Checkpoints(keras.callbacks.Callback):
         self.state["_t0"] = time.perf_counter()
 
 
+class CaptionLoss(keras.losses.Loss):
+    """Cross-entropy of next-token logits (n, t, vocab) against ids (n, t), averaged over non-padding tokens.
+
+    With `label_smoothing` s the target is (1 - s) on the true token and s
+    spread evenly over the vocabulary: the loss is
+    (1 - s) * -log p(true) + s * mean_v(-log p(v)). With s = 0 it equals
+    Keras's SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "caption_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # The padding mask and the mean are applied in call(): Keras's own masking expects per-token
+        # losses and would multiply the mean by the logits' propagated mask instead.
+        loss = self.call(y_true, y_pred)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync  # gradients are summed over replicas
+        return loss / replicas if replicas > 1 else loss
+
+    def call(self, y_true, y_pred):
+        ids = tf.cast(y_true, tf.int32)
+        mask = tf.cast(tf.not_equal(ids, PAD_ID), tf.float32)
+        logp = tf.nn.log_softmax(tf.cast(y_pred, tf.float32))
+        nll = -tf.gather(logp, ids, batch_dims=2)
+        if self.label_smoothing:
+            nll = (1.0 - self.label_smoothing) * nll - self.label_smoothing * tf.reduce_mean(logp, axis=-1)
+        return tf.reduce_sum(nll * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
 def _save_weights(model, path: Path) -> None:
     tmp = path.with_name(path.name.replace(".weights.h5", ".tmp.weights.h5"))
     model.save_weights(tmp)
@@ -437,7 +524,7 @@ def train_decoder(
             state = json.loads(state_path.read_text())
         model.compile(  # under mixed_float16 Keras wraps Adam in a LossScaleOptimizer
             optimizer=keras.optimizers.Adam(state["lr"], clipnorm=5.0),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
+            loss=CaptionLoss(train_config.label_smoothing),
         )
         if resume:
             # Build the optimizer first so the checkpoint restores Adam's moments too.

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from toolkit import __version__
-from toolkit.config import ADDED_FIELDS, DecoderConfig, EncoderConfig, TrainConfig, from_dict
+from toolkit.config import ADDED_FIELDS, SEARCH, DecoderConfig, EncoderConfig, TrainConfig, from_dict
 from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
 from toolkit.errors import CapkitError
 from toolkit.pack import (
@@ -92,7 +92,9 @@ def build_pack(
     decoder_config: DecoderConfig | None = None,
     train_config: TrainConfig | None = None,
     pack_version: str = "1.0.0",
-    beam: int = 3,
+    beam: int = SEARCH.beam,
+    length_penalty: float = SEARCH.length_penalty,
+    no_repeat_ngram: int = SEARCH.no_repeat_ngram,
     report: Report | None = None,
 ) -> BuildResult:
     """Every stage, in order: read, translate, encode, tokenize, train, score, write `packs_dir/lang/`.
@@ -219,13 +221,14 @@ def build_pack(
     train_f, train_s = sequences("train")
     dev_f, dev_s = sequences("dev")
     train_pooled = encoder.features([key_of[n] for n in present["train"]])  # the retrieval baseline's
-    defaults = DecoderConfig()
+    defaults, train_defaults = DecoderConfig(), TrainConfig()
     run_key = hashlib.sha256(json.dumps(
         # Without the strategy: a run interrupted on GPUs may resume on a CPU, the weights are the same.
         # Fields added later count only when set: a build begun before they existed still resumes.
         [lang, {k: v for k, v in asdict(dec_cfg).items()
                 if k not in ADDED_FIELDS["DecoderConfig"] or v != getattr(defaults, k)},
-         {k: v for k, v in asdict(tr_cfg).items() if k != "strategy"}, encoder.id,
+         {k: v for k, v in asdict(tr_cfg).items()
+          if k != "strategy" and (k not in ADDED_FIELDS["TrainConfig"] or v != getattr(train_defaults, k))}, encoder.id,
          sorted(present["train"]), train_texts[:50]], sort_keys=True
     ).encode()).hexdigest()[:12]
     work = packs_dir / WORK_DIR / f"{lang}-{run_key}"
@@ -246,11 +249,12 @@ def build_pack(
             continue
         keys = [key_of[n] for n in names]
         ids = beam_search_batched(step, LazyGrids(encoder, keys) if grid else encoder.features(keys),
-                                  BOS_ID, EOS_ID, beam, dec_cfg.max_length)
+                                  BOS_ID, EOS_ID, beam, dec_cfg.max_length, length_penalty, no_repeat_ngram)
         hyps = dict(zip(names, tokenizer.decode(ids)))
         refs = {n: texts[n] for n in names}
         scores[split] = _score_with_baselines(hyps, refs, lang, encoder.features(keys), train_pooled, present["train"],
-                                              texts, pack_version, beam)
+                                              texts, pack_version,
+                                              dict(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram))
 
     # 7. The pack, written whole in a staging folder and swapped in.
     report("stage", name="write")
@@ -312,7 +316,7 @@ def build_pack(
     return BuildResult(final, manifest, report.warnings)
 
 
-def _score_with_baselines(hyps, refs, lang, feats, train_f, train_names, texts, pack_version, beam) -> dict:
+def _score_with_baselines(hyps, refs, lang, feats, train_f, train_names, texts, pack_version, search: dict) -> dict:
     from toolkit.evaluate import corpus_bleu_scores, most_frequent_caption, nearest_neighbour_captions
 
     train_first = [texts[n][0] for n in train_names]
@@ -320,7 +324,7 @@ def _score_with_baselines(hyps, refs, lang, feats, train_f, train_names, texts, 
     names = list(hyps)
     retrieval = dict(zip(names, nearest_neighbour_captions(feats, train_f, train_first)))
     out = {"model": corpus_bleu_scores(hyps, refs, lang, pack_version=pack_version).to_dict()}
-    out["model"]["beam"] = beam
+    out["model"].update(search)  # beam, length_penalty, no_repeat_ngram
     out["retrieval"] = corpus_bleu_scores(retrieval, refs, lang, pack_version=pack_version).to_dict()
     out["constant"] = corpus_bleu_scores({n: constant for n in names}, refs, lang, pack_version=pack_version).to_dict()
     return out
@@ -455,9 +459,9 @@ def caption_images(
     langs: list[str],
     packs_dir: Path,
     *,
-    beam: int = 3,
-    length_penalty: float = 0.0,
-    no_repeat_ngram: int = 0,
+    beam: int = SEARCH.beam,
+    length_penalty: float = SEARCH.length_penalty,
+    no_repeat_ngram: int = SEARCH.no_repeat_ngram,
     max_pixels: int | None = None,
     report: Report | None = None,
 ) -> Captions:
@@ -521,7 +525,9 @@ def evaluate_packs(
     split_file: Path,
     references: Path | None = None,
     *,
-    beam: int = 3,
+    beam: int = SEARCH.beam,
+    length_penalty: float = SEARCH.length_penalty,
+    no_repeat_ngram: int = SEARCH.no_repeat_ngram,
     bootstrap: int = 0,
     baselines: bool = True,
     report: Report | None = None,
@@ -581,11 +587,11 @@ def evaluate_packs(
         feats = encoder.features(keys)  # pooled: the retrieval baseline's, and the lstm decoder's
         pack = load_pack(packs_dir, lang, eid)
         ids = beam_search_batched(pack.step, LazyGrids(encoder, keys) if pack.needs_grid else feats,
-                                  BOS_ID, EOS_ID, beam, m["decoder"]["max_length"])
+                                  BOS_ID, EOS_ID, beam, m["decoder"]["max_length"], length_penalty, no_repeat_ngram)
         hyps = dict(zip(names, pack.tokenizer.decode(ids)))
         refs = {n: refs_all[n] for n in names}
         res = corpus_bleu_scores(hyps, refs, lang, bootstrap=bootstrap, pack_version=m["pack_version"]).to_dict()
-        res.update(beam=beam, system="pack")
+        res.update(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, system="pack")
         entry = {"lang": lang, **res, "baselines": {}}
         baseline_captions: dict[str, dict[str, str]] = {}
         if baselines:

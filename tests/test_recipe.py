@@ -1,0 +1,94 @@
+"""The training recipe's pieces: the caption loss with label smoothing, the merge reference decoder, search settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import build_tiny_pack
+
+
+def test_caption_loss_is_masked_cross_entropy_and_smooths_labels():
+    import keras
+    import tensorflow as tf
+
+    from toolkit.decoder import CaptionLoss
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 30, (4, 7))
+    ids[:, 5:] = 0
+    ids[0, 2:] = 0
+    logits = tf.constant(rng.normal(size=(4, 7, 30)) * 3, tf.float32)
+    builtin = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)(ids, logits)
+    assert float(CaptionLoss()(ids, logits)) == pytest.approx(float(builtin), rel=1e-6)
+
+    # Smoothing s: cross-entropy against (1 - s) one-hot + s / vocab, averaged over real tokens only.
+    s = 0.2
+    logp = tf.nn.log_softmax(logits).numpy()
+    target = (1 - s) * np.eye(30)[ids] + s / 30
+    per_token = -(target * logp).sum(-1)
+    mask = ids != 0
+    assert float(CaptionLoss(s)(ids, logits)) == pytest.approx(per_token[mask].mean(), rel=1e-5)
+    # Padding never counts: changing the logits of padded positions changes nothing.
+    noisy = logits.numpy().copy()
+    noisy[~mask] += rng.normal(size=noisy[~mask].shape) * 10
+    assert float(CaptionLoss(s)(ids, noisy)) == pytest.approx(float(CaptionLoss(s)(ids, logits)), rel=1e-6)
+
+
+def test_merge_decoder_steps_as_it_trains_and_round_trips(tmp_path):
+    import tensorflow as tf
+
+    from toolkit.config import DecoderConfig, TrainConfig
+    from toolkit.decoder import MergeDecoder, load_decoder, save_decoder, train_decoder
+    from toolkit.decoder import Sequences
+
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(12, 8)).astype(np.float32)
+    seqs = Sequences(np.arange(24, dtype=np.int32) % 12, [list(rng.integers(4, 20, size=rng.integers(2, 7))) for _ in range(24)])
+    cfg = DecoderConfig(architecture="merge", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0, max_length=8)
+    model, state = train_decoder(feats, seqs, feats, seqs, cfg,
+                                 TrainConfig(epochs=3, batch_size=8, learning_rate=1e-2, label_smoothing=0.1), tmp_path / "ck")
+    assert isinstance(model, MergeDecoder)
+    losses = [h["loss"] for h in state["history"]]
+    assert losses[-1] < losses[0]
+    _, inputs, _ = seqs.arrays(8)
+    full = tf.nn.log_softmax(model((feats[:5], inputs[:5]))).numpy()
+    st = model.initial_state(feats[:5])
+    for t in range(inputs.shape[1]):
+        logp, *st = model.step(tf.constant(inputs[:5, t]), *st)
+        real = inputs[:5, t] != 0  # the LSTM layer skips padding; fed one by one, padding would move the state
+        np.testing.assert_allclose(logp.numpy()[real], full[real, t], atol=1e-5)
+    save_decoder(model, tmp_path / "d.weights.h5")
+    again = load_decoder(cfg, tmp_path / "d.weights.h5")
+    np.testing.assert_allclose(tf.nn.log_softmax(again((feats[:5], inputs[:5]))).numpy(), full, atol=1e-6)
+
+
+def test_merge_pack_with_smoothing_and_search_settings_end_to_end(tiny_dataset, tmp_path):
+    from toolkit.pack import load_manifest
+    from toolkit.pipeline import caption_images, evaluate_packs, load_pack
+
+    packs = tmp_path / "packs"
+    build_tiny_pack("en", tiny_dataset, packs, decoder=dict(architecture="merge"), train=dict(epochs=2, label_smoothing=0.1),
+                    beam=2, length_penalty=1.0, no_repeat_ngram=2)
+    m = load_manifest(packs / "en")
+    assert m["decoder"]["architecture"] == "merge" and m["train"]["label_smoothing"] == 0.1
+    model = m["scores"]["test"]["model"]
+    assert (model["beam"], model["length_penalty"], model["no_repeat_ngram"]) == (2, 1.0, 2)
+    assert type(load_pack(packs, "en").step.decoder).__name__ == "MergeDecoder"
+    # evaluate with the same search reproduces the build's score; the settings reach the search.
+    res = evaluate_packs(["en"], packs, tiny_dataset["images"], tiny_dataset["test"], beam=2, length_penalty=1.0,
+                         no_repeat_ngram=2)[0]
+    assert res["bleu4"] == pytest.approx(model["bleu4"], abs=1e-6) and res["no_repeat_ngram"] == 2
+    imgs = sorted(tiny_dataset["images"].iterdir())[:6]
+    for row in caption_images(imgs, ["en"], packs, beam=2, no_repeat_ngram=1).rows:
+        words = row["caption"].split()
+        assert len(words) == len(set(words))  # no token twice (these tiny captions are one piece a word)
+
+
+def test_manifests_from_before_label_smoothing_still_load():
+    from dataclasses import asdict
+
+    from toolkit.config import TrainConfig, from_dict
+
+    old = {k: v for k, v in asdict(TrainConfig()).items() if k != "label_smoothing"}
+    assert from_dict(TrainConfig, old).label_smoothing == 0.0
