@@ -36,6 +36,18 @@ def test_tokenizer_handles_unspaced_and_rtl_scripts(lang, texts):
     assert all(UNK_ID not in seq for seq in ids)
 
 
+def test_a_cap_below_the_characters_of_a_wide_script_gives_characters():
+    from toolkit.tokenizer import UNK_ID, train_tokenizer
+
+    rng = np.random.default_rng(0)
+    chars = [chr(0x4E00 + i) for i in range(300)]  # 300 distinct CJK characters, each needed
+    texts = ["".join(rng.choice(chars, 12)) for _ in range(400)]
+    tok = train_tokenizer(texts, "zh", vocab_size=50)  # SentencePiece alone refuses: 50 < 300 characters
+    assert 300 <= tok.vocab_size < 400
+    ids = tok.encode(texts[:20])
+    assert tok.decode(ids) == texts[:20] and all(UNK_ID not in seq for seq in ids)
+
+
 def test_unreadable_tokenizer_is_a_clear_error(tmp_path):
     from toolkit.tokenizer import Tokenizer
 

@@ -8,6 +8,7 @@ pad 0, unk 1, bos 2, eos 3 (the decoder masks id 0).
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -56,18 +57,32 @@ def train_tokenizer(texts: Iterable[str], lang: str, vocab_size: int = 2000) -> 
     a small corpus gets the vocabulary it can support instead of an error.
 
     >>> tok = train_tokenizer(["a dog runs", "a cat sits"] * 20, "en", vocab_size=50)
-    """
-    import sentencepiece as spm
 
+    In Chinese or Japanese a cap below the number of characters the corpus
+    needs gives that many pieces instead: a character-level vocabulary.
+    """
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise CapkitError("no captions to train the tokenizer on")
+    try:
+        return _train(texts, lang, max(8, vocab_size))
+    except RuntimeError as e:
+        # Wide scripts: every kept character needs a piece, so the cap cannot go below their count.
+        need = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if not need:
+            raise CapkitError(f"SentencePiece could not train a {vocab_size}-piece vocabulary: {str(e)[-300:]}") from None
+        return _train(texts, lang, int(need.group(1)) + 4)  # + pad, unk, bos, eos
+
+
+def _train(texts: list[str], lang: str, vocab_size: int) -> Tokenizer:
+    import sentencepiece as spm
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
         model_type="unigram",
-        vocab_size=max(8, vocab_size),
+        vocab_size=vocab_size,
         hard_vocab_limit=False,
         # Case folding: 753 images cannot afford separate "A" and "a".
         normalization_rule_name="nmt_nfkc_cf",
