@@ -253,3 +253,13 @@ def test_nearest_neighbour_captions():
         nearest_neighbour_captions(np.zeros((2, 3)), train, caps)
     with pytest.raises(CapkitError, match="training captions"):
         nearest_neighbour_captions(query, train, caps[:2])
+
+
+def test_repetition_rate_counts_captions_that_repeat_an_ngram_of_scoring_tokens():
+    from toolkit.evaluate import repetition_rate
+
+    assert repetition_rate(["a dog and a dog and a dog", "a dog runs", "a man and a woman"], "en") == pytest.approx(1 / 3)
+    # Chinese by characters: the classic failure repeats, a caption with "一个" twice does not.
+    assert repetition_rate(["一个女人和一个女人和一个女人", "一个男人和一个女人"], "zh") == 0.5
+    assert repetition_rate(["一个男人和一个女人"], "zh", n=2) == 1.0
+    assert repetition_rate([], "en") == 0.0

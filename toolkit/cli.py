@@ -299,7 +299,7 @@ def evaluate(
     _at_least("--bootstrap", bootstrap, 0)
     for code in lang:
         code == "all" or _check_lang(code)
-    from toolkit.evaluate import format_table
+    from toolkit.evaluate import REPEAT_ORDER, format_table
     from toolkit.pipeline import Report, evaluate_packs
 
     results = evaluate_packs(lang, _packs_dir(packs_dir), images, split, references, bootstrap=bootstrap,
@@ -311,6 +311,8 @@ def evaluate(
         base = {r["lang"]: {k: _bleu_from_dict(v) for k, v in r["baselines"].items()} for r in results}
         typer.echo(format_table(rows, base))
         for r in results:
+            typer.echo(f"{r['lang']}: {100 * r['repetition']:.1f}% of the captions repeat a {REPEAT_ORDER}-gram "
+                       f"(references: {100 * r['references_repetition']:.1f}%)")
             for name, b in r["baselines"].items():
                 if "vs_pack" in b:
                     lo, hi = b["vs_pack"]["delta_bleu4_ci"]

@@ -312,6 +312,28 @@ def paired_bootstrap(
     }
 
 
+REPEAT_ORDER = 3  # a caption "repeats itself" when one of its n-grams of scoring tokens occurs twice
+
+
+def repetition_rate(captions: Sequence[str], lang: str, n: int = REPEAT_ORDER) -> float:
+    """Share of `captions` in which some n-gram of scoring tokens (words, or
+    characters for `CHAR_LANGS`) occurs more than once: "a dog and a dog and
+    a dog", "一个女人和一个女人和一个女人". Human references are the yardstick:
+    on the Flickr8k dev split 0.7% of English and 2.5% of Chinese ones do it.
+
+    >>> repetition_rate(["a dog and a dog and a dog", "a dog runs"], "en")
+    0.5
+    """
+    if not captions:
+        return 0.0
+    repeated = 0
+    for caption in captions:
+        tokens = bleu_tokenize(caption, lang)
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        repeated += len(grams) != len(set(grams))
+    return repeated / len(captions)
+
+
 def format_table(
     results: Sequence[BleuResult],
     baselines: Mapping[str, Mapping[str, BleuResult]] | None = None,

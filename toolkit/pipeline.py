@@ -538,7 +538,7 @@ def evaluate_packs(
     captions in its language); `references` overrides for every language.
     """
     from toolkit.encoder import Encoder
-    from toolkit.evaluate import corpus_bleu_scores, most_frequent_caption, nearest_neighbour_captions
+    from toolkit.evaluate import corpus_bleu_scores, most_frequent_caption, nearest_neighbour_captions, repetition_rate
     from toolkit.tokenizer import BOS_ID, EOS_ID
 
     report = report or Report()
@@ -591,7 +591,9 @@ def evaluate_packs(
         hyps = dict(zip(names, pack.tokenizer.decode(ids)))
         refs = {n: refs_all[n] for n in names}
         res = corpus_bleu_scores(hyps, refs, lang, bootstrap=bootstrap, pack_version=m["pack_version"]).to_dict()
-        res.update(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, system="pack")
+        res.update(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, system="pack",
+                   repetition=repetition_rate(list(hyps.values()), lang),
+                   references_repetition=repetition_rate([t for ts in refs.values() for t in ts], lang))
         entry = {"lang": lang, **res, "baselines": {}}
         baseline_captions: dict[str, dict[str, str]] = {}
         if baselines:

@@ -1,0 +1,110 @@
+"""The recipe search's two measurements on a split (docs/experiments.md).
+
+sweep: one pack, every combination of search settings: BLEU-1..4, the
+BLEU-4 bootstrap interval, mean caption length and the repetition rate.
+
+    python scripts/recipe.py sweep --lang zh --packs-dir runs/exp/zh_v1000 \
+        --beam 3,5 --length-penalty 0,0.5,1 --no-repeat-ngram 0,2,3
+
+compare: two packs of one language (two packs dirs) with a search setting
+each, scored on the same images: BLEU-4 of each, and the paired bootstrap
+interval of the difference (a - b) with the share of resamples a wins.
+
+    python scripts/recipe.py compare --lang en --packs-dir runs/exp/en_best --search 3,1,2 \
+        --against runs/packs --against-search 5,0,0
+
+Both default to the shared data's dev split and photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+def _search(text: str) -> dict:
+    beam, lp, nr = text.split(",")
+    return dict(beam=int(beam), length_penalty=float(lp), no_repeat_ngram=int(nr))
+
+
+def _evaluate(packs_dir: Path, lang: str, args, search: dict, bootstrap: int) -> dict:
+    from toolkit.pipeline import evaluate_packs
+
+    return evaluate_packs([lang], packs_dir, args.images, args.split, bootstrap=bootstrap, baselines=False, **search)[0]
+
+
+def sweep(args) -> None:
+    from toolkit.evaluate import bleu_tokenize
+
+    grid = itertools.product(map(int, args.beam.split(",")), map(float, args.length_penalty.split(",")),
+                             map(int, args.no_repeat_ngram.split(",")))
+    print("beam  lp   no-rep    B1    B2    B3    B4  B4 95% CI      len  repeats")
+    for beam, lp, nr in grid:
+        r = _evaluate(args.packs_dir, args.lang, args, dict(beam=beam, length_penalty=lp, no_repeat_ngram=nr), args.bootstrap)
+        lengths = [len(bleu_tokenize(c, args.lang)) for c in r["captions"].values()]
+        ci = r.get("ci") or {}
+        lo, hi = ci.get("bleu4", (float("nan"), float("nan")))
+        print(f"{beam:4d} {lp:4.1f} {nr:6d}  {r['bleu1']:5.1f} {r['bleu2']:5.1f} {r['bleu3']:5.1f} {r['bleu4']:5.1f}"
+              f"  {lo:5.1f}-{hi:<5.1f}  {sum(lengths) / len(lengths):5.1f}  {100 * r['repetition']:5.1f}%")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({k: v for k, v in r.items() if k not in ("captions", "baselines")}) + "\n")
+
+
+def compare(args) -> None:
+    from toolkit.data import group_by_image, read_captions
+    from toolkit.evaluate import paired_bootstrap
+    from toolkit.pack import REFERENCES_FILE, find_pack
+
+    a = _evaluate(args.packs_dir, args.lang, args, _search(args.search), 0)
+    b = _evaluate(args.against, args.lang, args, _search(args.against_search), 0)
+    refs_all = group_by_image(read_captions(find_pack(args.packs_dir, args.lang) / REFERENCES_FILE).captions)
+    refs = {n: refs_all[n] for n in a["captions"]}
+    pb = paired_bootstrap(a["captions"], b["captions"], refs, args.lang, n=args.bootstrap)
+    lo, hi = pb["delta_ci"]
+    print(f"{args.lang}: a = {args.packs_dir} ({args.search}): BLEU-1 {a['bleu1']:.1f} BLEU-4 {pb['bleu4_a']:.1f} "
+          f"({pb['ci_a'][0]:.1f}-{pb['ci_a'][1]:.1f}), repeats {100 * a['repetition']:.1f}%")
+    print(f"{args.lang}: b = {args.against} ({args.against_search}): BLEU-1 {b['bleu1']:.1f} BLEU-4 {pb['bleu4_b']:.1f} "
+          f"({pb['ci_b'][0]:.1f}-{pb['ci_b'][1]:.1f}), repeats {100 * b['repetition']:.1f}%")
+    print(f"{args.lang}: a - b BLEU-4 {pb['bleu4_a'] - pb['bleu4_b']:+.1f} (95% CI {lo:+.1f} to {hi:+.1f}); "
+          f"a better in {100 * pb['p_a_better']:.1f}% of {pb['n']} paired resamples of {pb['n_images']} images")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("sweep", "compare"):
+        p = sub.add_parser(name)
+        p.add_argument("--lang", required=True)
+        p.add_argument("--packs-dir", type=Path, required=True)
+        p.add_argument("--images", type=Path, default=DATA / "Images")
+        p.add_argument("--split", type=Path, default=DATA / "Flickr_8k.devImages.txt")
+        p.add_argument("--bootstrap", type=int, default=1000 if name == "compare" else 0)
+    s = sub.choices["sweep"]
+    s.add_argument("--beam", default="3,5")
+    s.add_argument("--length-penalty", default="0,0.5,1")
+    s.add_argument("--no-repeat-ngram", default="0,2,3")
+    s.add_argument("--json", type=Path, help="append each row's scores here")
+    c = sub.choices["compare"]
+    c.add_argument("--search", default="3,0,0", help="beam,length_penalty,no_repeat_ngram of a")
+    c.add_argument("--against", type=Path, required=True, help="packs dir of b")
+    c.add_argument("--against-search", default="3,0,0", help="beam,length_penalty,no_repeat_ngram of b")
+    args = ap.parse_args()
+
+    from toolkit.errors import CapkitError
+
+    try:
+        (sweep if args.command == "sweep" else compare)(args)
+    except CapkitError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
