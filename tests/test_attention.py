@@ -272,3 +272,74 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
             assert got.pop() == want and "stopped here" in err
         else:
             assert "--decoder must be one of lstm, attention, merge, not 'transformer'" in err and not got
+
+
+# -- the report's heat maps ---------------------------------------------------------------
+
+
+def _caption_cells(page: str, lang: str) -> dict[str, str]:
+    """Image name -> the inside of its caption cell in the `lang` column."""
+    import html
+    import re
+
+    out = {}
+    for row in re.findall(r'<tr class="image-row">(.*?)</tr>', page, re.S):
+        name = html.unescape(re.search(r"<figcaption>(.*?)</figcaption>", row).group(1))
+        out[name] = re.search(rf'<td class="caption[^"]*" lang="{lang}"[^>]*>(.*?)</td>', row, re.S).group(1)
+    return out
+
+
+def _strip(cell: str) -> list[tuple[str, str]]:
+    """(token, title) of each heat map in a caption cell, in order."""
+    import html
+    import re
+
+    return [(html.unescape(alt), html.unescape(title))
+            for alt, title in re.findall(r'<img src="data:image/jpeg;base64,[^"]*" width="\d+" height="\d+" '
+                                         r'alt="([^"]*)" title="([^"]*)">', cell)]
+
+
+def test_report_shows_where_the_attention_pack_looked_for_each_token(attention_packs, tiny_dataset, tmp_path):
+    from toolkit.encoder import Encoder
+    from toolkit.pipeline import caption_images, load_pack
+    from toolkit.report import build_report, decoder_inputs
+
+    packs, _ = attention_packs
+    imgs = sorted(tiny_dataset["images"].iterdir())[:4]
+    page = build_report(imgs, ["all"], packs, beam=2, out=tmp_path / "r.html")
+    ids = {Path(r["image"]).name: r["ids"] for r in caption_images(imgs, ["en"], packs, beam=2).rows}
+    assert any(ids.values()), "the tiny pack captioned nothing: no strip to check"
+    en = load_pack(packs, "en")
+    enc = Encoder.load(packs, en.manifest["encoder"]["id"])
+    keys = enc.extract(imgs, grid=True).keys
+    cells = _caption_cells(page, "en")
+    assert sorted(cells) == sorted(ids)
+    for p in imgs:
+        caption_ids = ids[p.name]
+        strip = _strip(cells[p.name])
+        # One heat map per generated token, labelled with that token's text, in order.
+        assert [token for token, _ in strip] == en.tokenizer.pieces(caption_ids)
+        assert cells[p.name].count("<figure>") == len(caption_ids) == cells[p.name].count("<img")
+        if caption_ids:
+            # Each map is the decoder's attention for its own token: the peaks the titles give are those rows'.
+            maps = en.step.decoder.attention_maps(enc.grid_features([keys[str(p)]]), decoder_inputs([caption_ids]))[0]
+            assert [title.split(": ")[1].split("%")[0] for _, title in strip] == [f"{m.max():.1%}"[:-1] for m in maps]
+    assert page.count("<img") == len(imgs) + sum(map(len, ids.values()))  # the thumbnails and the heat maps
+    # The lstm pack's captions have no strip.
+    assert all("<img" not in cell and 'class="attention"' not in cell for cell in _caption_cells(page, "zh").values())
+
+
+def test_report_over_a_split_cuts_long_strips(attention_packs, tiny_dataset, tmp_path, monkeypatch):
+    import toolkit.report
+    from toolkit.pipeline import evaluate_packs, load_pack
+
+    monkeypatch.setattr(toolkit.report, "ATTENTION_MAX_TOKENS", 3)
+    packs, _ = attention_packs
+    page = toolkit.report.build_report([tiny_dataset["images"]], ["en"], packs, split=tiny_dataset["test"], beam=3, limit=5)
+    ids = evaluate_packs(["en"], packs, tiny_dataset["images"], tiny_dataset["test"], beam=3, baselines=False)[0]["caption_ids"]
+    pieces = load_pack(packs, "en").tokenizer.pieces
+    cells = _caption_cells(page, "en")
+    assert len(cells) == 5 and any(ids[name] for name in cells)
+    for name, cell in cells.items():
+        assert [token for token, _ in _strip(cell)] == pieces(ids[name])[:3]
+        assert (f"first 3 of {len(ids[name])} tokens" in cell) == (len(ids[name]) > 3)

@@ -16,14 +16,19 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from toolkit.errors import CapkitError
 from toolkit.report import (
+    ATTENTION_SIZE,
     ReportData,
     ReportRow,
     Thumbnail,
+    attention_overlay,
+    attention_strip,
+    decoder_inputs,
     loss_chart_svg,
     nice_ticks,
     render_html,
@@ -169,6 +174,76 @@ def test_scores_table_has_both_bleus_intervals_and_baselines():
     above.scores[0]["baselines"].pop("retrieval")
     assert "above all" in render_html(above)
     assert "No scores" in render_html(_sample_data(scores=None))
+
+
+# -- attention heat maps ---------------------------------------------------------------
+
+
+def _peaked(cell: tuple[int, int], g: int = 3) -> np.ndarray:
+    """A g x g attention map (sums to 1) that looks mostly at `cell` (row, column)."""
+    alpha = np.full((g, g), 0.2)
+    alpha[cell] = 3.0
+    return alpha / alpha.sum()
+
+
+def _brightest_cell(rgb: np.ndarray, g: int = 3) -> tuple[int, int]:
+    """The (row, column) of the g x g cell whose pixels are brightest on average."""
+    h, w = rgb.shape[:2]
+    light = rgb.astype(float).sum(-1)
+    means = [[light[r * h // g:(r + 1) * h // g, c * w // g:(c + 1) * w // g].mean() for c in range(g)] for r in range(g)]
+    return np.unravel_index(np.argmax(means), (g, g))
+
+
+def test_attention_overlay_is_brightest_where_the_map_peaks():
+    grey = np.full((60, 90, 3), 128, np.uint8)  # not square: the map is stretched over the whole picture
+    for cell in ((0, 2), (2, 0), (1, 1)):
+        out = attention_overlay(grey, _peaked(cell))
+        assert out.shape == grey.shape and out.dtype == np.uint8
+        assert _brightest_cell(out) == cell
+        y, x = np.unravel_index(np.argmax(out.astype(float).sum(-1)), out.shape[:2])
+        assert (y * 3 // 60, x * 3 // 90) == cell  # the single brightest pixel too
+    # The photo shows through: under an even map, white stays brighter than black.
+    half = np.zeros((60, 90, 3), np.uint8)
+    half[:, 45:] = 255
+    out = attention_overlay(half, np.full((3, 3), 1 / 9)).astype(float)
+    assert out[:, 50:].mean() > out[:, :40].mean() + 100
+
+
+def test_attention_strip_has_one_small_jpeg_per_token():
+    photo = Image.fromarray(np.full((100, 200, 3), 128, np.uint8))
+    maps = np.stack([_peaked((0, 0)), _peaked((2, 2))])
+    strip = attention_strip(photo, ["a", "dog"], maps, n_tokens=7)
+    assert [t.token for t in strip.tokens] == ["a", "dog"] and (strip.n_tokens, strip.grid) == (7, 3)
+    for t, cell, m in zip(strip.tokens, ((0, 0), (2, 2)), maps):
+        assert (t.image.width, t.image.height) == (ATTENTION_SIZE, ATTENTION_SIZE // 2)
+        assert t.peak == pytest.approx(m.max())
+        img = Image.open(io.BytesIO(base64.b64decode(t.image.data_uri.split(",", 1)[1])))
+        assert img.format == "JPEG" and img.size == (t.image.width, t.image.height)
+        assert _brightest_cell(np.asarray(img)) == cell
+
+
+def test_decoder_inputs_put_each_token_after_its_predecessor():
+    from toolkit.tokenizer import BOS_ID, PAD_ID
+
+    got = decoder_inputs([[5, 9, 14], [7], [8, 6]])
+    assert got.tolist() == [[BOS_ID, 5, 9], [BOS_ID, PAD_ID, PAD_ID], [BOS_ID, 8, PAD_ID]]
+
+
+def test_strips_render_under_their_caption_only():
+    photo = Image.fromarray(np.full((30, 40, 3), 90, np.uint8))
+    maps = np.stack([_peaked((r, c)) for r, c in ((0, 0), (1, 1), (2, 2))])
+    strip = attention_strip(photo, ["a", "<b>", ""], maps, n_tokens=25)
+    data = _sample_data()
+    data.rows[1].attention = {"en": strip}
+    page = render_html(data)
+    assert "<b>" not in page and "first 3 of 25 tokens" in page and "&#9251;" in page  # a lone word start shows as ␣
+    assert f"{maps[0].max():.1%} of the attention on its top cell (11.1% each if even over 3x3)" in page
+    tags = _Tags(page)
+    assert len(tags.find("div", **{"class": "attention"})) == 1 and tags.find("p", **{"class": "attention-note"})
+    cell = re.search(r'<td class="caption" lang="en" dir="ltr"><p class="hyp">a cat</p>(.*?)</td>', page).group(1)
+    assert [a["alt"] for a in _Tags(cell).find("img")] == ["a", "<b>", ""]
+    assert all(a["src"].startswith("data:image/jpeg;base64,") for a in tags.find("img"))
+    assert 'class="attention' not in render_html(_sample_data())  # no attention pack, no strip and no note
 
 
 # -- loss charts -----------------------------------------------------------------------

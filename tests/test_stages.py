@@ -48,6 +48,18 @@ def test_a_cap_below_the_characters_of_a_wide_script_gives_characters():
     assert tok.decode(ids) == texts[:20] and all(UNK_ID not in seq for seq in ids)
 
 
+def test_tokenizer_pieces_give_each_id_its_text():
+    from toolkit.tokenizer import WORD_START, train_tokenizer
+
+    for lang, texts in (("en", ["a dog runs on the grass", "a cat sits on a mat"]), ("zh", ["一只狗在草地上跑", "一只猫坐在垫子上"])):
+        tok = train_tokenizer(texts * 5, lang, vocab_size=200)
+        ids = tok.encode(texts[:1])[0]
+        pieces = tok.pieces(ids)
+        assert len(pieces) == len(ids) and not any(WORD_START in p for p in pieces)
+        assert "".join(pieces) == texts[0].replace(" ", "")
+        assert pieces == [tok.decode([[i]])[0].strip() for i in ids]  # each piece alone reads as itself
+
+
 def test_unreadable_tokenizer_is_a_clear_error(tmp_path):
     from toolkit.tokenizer import Tokenizer
 

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from toolkit.config import SEARCH
+from toolkit.config import SEARCH, DecoderConfig
 from toolkit.errors import CapkitError
 
 app = typer.Typer(
@@ -153,6 +153,8 @@ def build_pack(
     batch_size: int = typer.Option(64, "--batch-size", help="Captions per training step."),
     learning_rate: float = typer.Option(2e-3, "--learning-rate"),
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Target probability spread over the vocabulary."),
+    attention_reg: float = typer.Option(DecoderConfig.attention_reg, "--attention-reg",
+                                        help="attention only: weight of the penalty spreading attention over every grid cell."),
     patience: int = typer.Option(3, "--patience", help="Epochs without dev improvement before stopping."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
     length_penalty: float = LengthPenaltyOption(),
@@ -179,6 +181,8 @@ def build_pack(
         raise CapkitError(f"--dropout must be in [0, 1), not {dropout}")
     if not learning_rate > 0:
         raise CapkitError(f"--learning-rate must be positive, not {learning_rate}")
+    if not attention_reg >= 0:
+        raise CapkitError(f"--attention-reg must be 0 or more, not {attention_reg}")
     if not 0 <= label_smoothing < 1:
         raise CapkitError(f"--label-smoothing must be in [0, 1), not {label_smoothing}")
     if splits:
@@ -199,7 +203,7 @@ def build_pack(
         source_lang=source_lang, translator=translator, translator_options=options,
         encoder_config=_encoder_config(encoder_weights, image_size, 32),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
-                                     dropout=dropout),
+                                     dropout=dropout, attention_reg=attention_reg),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  label_smoothing=label_smoothing, patience=patience, seed=seed, strategy=strategy),
         pack_version=pack_version, report=Report(_Progress()), **search,
@@ -261,7 +265,7 @@ def caption(
     out = caption_images(inputs, lang, _packs_dir(packs_dir), max_pixels=max_pixels,
                          report=Report(_Progress(quiet=True)), **search)
     # A file name that is not UTF-8 must not crash the output after all the work: show it with U+FFFD.
-    rows = [{**r, "image": typer.format_filename(r["image"])} for r in out.rows]
+    rows = [{"image": typer.format_filename(r["image"]), "lang": r["lang"], "caption": r["caption"]} for r in out.rows]
     if fmt == "json":
         typer.echo(json.dumps(rows, ensure_ascii=False, indent=1))
     else:
@@ -305,7 +309,7 @@ def evaluate(
     results = evaluate_packs(lang, _packs_dir(packs_dir), images, split, references, bootstrap=bootstrap,
                              report=Report(_Progress(quiet=True)), **search)
     if fmt == "json":
-        typer.echo(json.dumps([{k: v for k, v in r.items() if k != "captions"} for r in results], ensure_ascii=False, indent=1))
+        typer.echo(json.dumps([{k: v for k, v in r.items() if k not in ("captions", "caption_ids")} for r in results], ensure_ascii=False, indent=1))
     else:
         rows = [_bleu_from_dict(r) for r in results]
         base = {r["lang"]: {k: _bleu_from_dict(v) for k, v in r["baselines"].items()} for r in results}
@@ -327,21 +331,22 @@ def report_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
     references: Optional[Path] = typer.Option(None, "--references", help="Reference captions to show (and score, with --split)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Score the packs on these images: adds the BLEU table."),
-    beam: int = typer.Option(3, "--beam"),
+    beam: int = BeamOption(),
+    length_penalty: float = LengthPenaltyOption(),
+    no_repeat_ngram: int = NoRepeatOption(),
     bootstrap: int = typer.Option(0, "--bootstrap", help="Resamples for 95% confidence intervals (with --split)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Show at most N images (BLEU still uses the whole split)."),
     packs_dir: Optional[Path] = PacksDir,
 ):
     """One self-contained HTML page: images with captions per language, BLEU table, loss curves."""
-    if beam < 1:
-        raise CapkitError(f"--beam must be at least 1, not {beam}")
+    search = _search_options(beam, length_penalty, no_repeat_ngram)
     for code in lang:
         code == "all" or _check_lang(code)
     from toolkit.pipeline import Report
     from toolkit.report import build_report
 
-    page = build_report(images, lang, _packs_dir(packs_dir), references=references, split=split, beam=beam,
-                        bootstrap=bootstrap, limit=limit, out=out, report=Report(_Progress(quiet=True)))
+    page = build_report(images, lang, _packs_dir(packs_dir), references=references, split=split,
+                        bootstrap=bootstrap, **search, limit=limit, out=out, report=Report(_Progress(quiet=True)))
     typer.echo(f"report written to {out} ({len(page.encode()) / 1e6:.1f} MB)")
 
 

@@ -449,7 +449,7 @@ def resolve_langs(packs_dir: Path, langs: list[str]) -> list[str]:
 
 @dataclass
 class Captions:
-    rows: list[dict]                 # {"image", "lang", "caption"}, image-major
+    rows: list[dict]                 # {"image", "lang", "caption", "ids"}, image-major; ids: the caption's tokens
     failures: dict[str, str]         # image path -> why it was skipped
     seconds: dict[str, float]        # stage -> seconds
 
@@ -492,14 +492,15 @@ def caption_images(
     ok = [p for p in map(str, paths) if p in ex.keys]
     keys = [ex.keys[p] for p in ok]
     feats = encoder.features(keys)
-    by_lang = {}
+    by_lang, ids_by_lang = {}, {}
     for lang in langs:
         pack = load_pack(packs_dir, lang, encoder.id)
         ids = beam_search_batched(pack.step, LazyGrids(encoder, keys) if pack.needs_grid else feats, BOS_ID, EOS_ID,
                                   beam, pack.manifest["decoder"]["max_length"], length_penalty, no_repeat_ngram)
-        by_lang[lang] = pack.tokenizer.decode(ids)
+        by_lang[lang], ids_by_lang[lang] = pack.tokenizer.decode(ids), ids
     t2 = time.perf_counter()
-    rows = [{"image": p, "lang": lang, "caption": by_lang[lang][i]} for i, p in enumerate(ok) for lang in langs]
+    rows = [{"image": p, "lang": lang, "caption": by_lang[lang][i], "ids": ids_by_lang[lang][i]}
+            for i, p in enumerate(ok) for lang in langs]
     return Captions(rows, ex.failures, {"encode": t1 - t0, "decode": t2 - t1})
 
 
@@ -536,6 +537,8 @@ def evaluate_packs(
 
     References default to the pack's own `references.txt` (its dev/test
     captions in its language); `references` overrides for every language.
+    Each entry also holds the pack's captions (`captions`: image name ->
+    text) and their tokens (`caption_ids`: image name -> ids).
     """
     from toolkit.encoder import Encoder
     from toolkit.evaluate import corpus_bleu_scores, most_frequent_caption, nearest_neighbour_captions, repetition_rate
@@ -621,6 +624,7 @@ def evaluate_packs(
                     pb = paired_bootstrap(hyps, caps, refs, lang, n=bootstrap)
                     entry["baselines"][name]["vs_pack"] = {"p_pack_better": pb["p_a_better"], "delta_bleu4_ci": pb["delta_ci"]}
         entry["captions"] = hyps
+        entry["caption_ids"] = dict(zip(names, ids))
         results.append(entry)
     if not results:
         raise CapkitError(f"no installed pack has references for the images of {split_file}",

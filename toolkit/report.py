@@ -2,8 +2,12 @@
 language side by side, the BLEU table beside its baselines, and each pack's
 loss curves.
 
-Self-contained means nothing is fetched when the page opens: thumbnails are
-base64 JPEGs, charts are inline SVG written here, there is no script, and a
+Under the caption of a pack whose decoder attends ("attention"), a strip
+shows where it looked to choose each token: the attention over the encoder's
+G x G grid, stretched over a small copy of the photo.
+
+Self-contained means nothing is fetched when the page opens: thumbnails and
+heat maps are base64 JPEGs, charts are inline SVG written here, there is no script, and a
 Content-Security-Policy (``default-src 'none'``) makes the browser refuse any
 outside resource a later edit might add. All text goes through
 ``html.escape``; right-to-left languages get ``dir="rtl"``.
@@ -12,6 +16,8 @@ Gathering (captioning, scoring: TensorFlow) and rendering (pure strings) are
 separate, so the page can be rendered and tested from plain data:
 
     html = render_html(ReportData(langs=["en"], rows=[...], ...))
+
+and the heat maps from plain arrays (`attention_overlay`).
 """
 
 from __future__ import annotations
@@ -26,10 +32,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
+from toolkit.config import SEARCH
 from toolkit.errors import CapkitError
 
 THUMB_SIZE = 256      # longest side of the embedded thumbnails, in pixels
 THUMB_QUALITY = 85    # JPEG quality of the thumbnails
+ATTENTION_SIZE = 80   # longest side of each token's heat map: four fit a caption cell's width
+ATTENTION_QUALITY = 80
+ATTENTION_MAX_TOKENS = 20  # heat maps under one caption; a longer caption shows its first ones
+ATTENTION_BATCH = 64  # images per `attention_maps` call
+# How a heat map is drawn: what got no attention keeps this much of its brightness,
+# and the colour scale covers this fraction of every pixel.
+ATTENTION_FLOOR = 0.25
+ATTENTION_TINT = 0.35
+# matplotlib's "inferno" at 0, 1/4, ..., 1: brightness grows with the value, so the
+# brightest spot is where the decoder looked most, in colour and in grey.
+_HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
 # Written right to left; their caption cells get dir="rtl".
 RTL_LANGS = frozenset({"ar", "he", "iw", "fa", "ur", "yi", "ps", "sd", "ug", "dv", "ckb"})
 # The browser refuses everything but the embedded images and the inline style.
@@ -50,6 +70,24 @@ class Thumbnail:
 
 
 @dataclass
+class TokenAttention:
+    """Where the decoder looked to choose one token of a caption."""
+
+    token: str            # the token's text, without SentencePiece's word-start mark ("" for that mark alone)
+    image: Thumbnail      # the photo with the attention drawn over it (`attention_overlay`)
+    peak: float           # the map's largest weight: 1 is one cell only, 1/(G*G) everywhere alike
+
+
+@dataclass
+class AttentionStrip:
+    """The heat maps under one caption of an attention pack."""
+
+    tokens: list[TokenAttention]  # the caption's first tokens, at most ATTENTION_MAX_TOKENS
+    n_tokens: int                 # tokens in the whole caption
+    grid: int                     # G: each map is over G x G cells
+
+
+@dataclass
 class ReportRow:
     """One image of the gallery."""
 
@@ -57,6 +95,7 @@ class ReportRow:
     thumbnail: Thumbnail
     captions: dict[str, str | None]     # lang -> caption; None where that pack did not caption it
     references: dict[str, list[str]] = field(default_factory=dict)  # lang -> references; "" = language not known
+    attention: dict[str, AttentionStrip] = field(default_factory=dict)  # lang -> heat maps; attention packs only
 
 
 @dataclass
@@ -80,6 +119,11 @@ def thumbnail(path: str | Path, size: int = THUMB_SIZE, max_pixels: int | None =
     """A JPEG thumbnail (longest side `size`, aspect kept, EXIF rotation
     applied, transparency on white) as a data URI. Unreadable files raise
     `ImageError`."""
+    return _jpeg(_small_rgb(path, size, max_pixels), THUMB_QUALITY)
+
+
+def _small_rgb(path: str | Path, size: int, max_pixels: int | None = None):
+    """The image at `path` as an RGB Pillow image whose longest side is at most `size`."""
     from PIL import Image, ImageOps
 
     from toolkit.images import DEFAULT_MAX_PIXELS, ImageError, _to_rgb
@@ -95,14 +139,117 @@ def thumbnail(path: str | Path, size: int = THUMB_SIZE, max_pixels: int | None =
                 img.draft("RGB", (size, size))  # decode big photos at a fraction of their size
             rgb = _to_rgb(ImageOps.exif_transpose(img))
         rgb.thumbnail((size, size), Image.LANCZOS)
-        buf = io.BytesIO()
-        rgb.save(buf, "JPEG", quality=THUMB_QUALITY, optimize=True)
+        return rgb
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{path}: unreadable image ({e})") from None
-    uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    return Thumbnail(uri, rgb.width, rgb.height)
+
+
+def _jpeg(img, quality: int) -> Thumbnail:
+    """A Pillow RGB image as a JPEG data URI."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality, optimize=True)
+    return Thumbnail("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.width, img.height)
+
+
+def decoder_inputs(captions: Sequence[Sequence[int]]) -> np.ndarray:
+    """The decoder inputs whose attention rows belong to the captions' tokens:
+    BOS, then every token but the last, 0-padded to the longest caption.
+    Row t of `attention_maps` then chose token t.
+
+    >>> decoder_inputs([[5, 9, 14], [7]])  # BOS_ID is 2
+    array([[2, 5, 9],
+           [2, 0, 0]], dtype=int32)
+    """
+    from toolkit.tokenizer import BOS_ID, PAD_ID
+
+    out = np.full((len(captions), max([1, *map(len, captions)])), PAD_ID, np.int32)
+    out[:, 0] = BOS_ID
+    for row, ids in zip(out, captions):
+        row[1 : len(ids)] = ids[:-1]
+    return out
+
+
+def attention_overlay(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The image `rgb` (h, w, 3) uint8 under one attention map `alpha` (G, G),
+    grid rows top to bottom, as a new (h, w, 3) uint8 image.
+
+    The map, scaled to its own peak, is stretched over the whole image (the
+    encoder saw the photo squashed to a square): what got little attention
+    is darkened, and the "inferno" colour scale is blended over everything,
+    so the brightest region is where the decoder looked most.
+
+        attention_overlay(np.full((60, 90, 3), 128, np.uint8), np.eye(3))  # bright along the diagonal
+    """
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    alpha = np.asarray(alpha, np.float32)
+    scaled = alpha / max(float(alpha.max()), 1e-12)
+    a = np.clip(np.asarray(Image.fromarray(scaled, "F").resize((w, h), Image.BILINEAR)), 0.0, 1.0)
+    lit = rgb.astype(np.float32) * (ATTENTION_FLOOR + (1 - ATTENTION_FLOOR) * a)[..., None]
+    x = a * (len(_HEAT) - 1)  # position on the colour scale, interpolated between its stops
+    i = np.minimum(x.astype(np.int32), len(_HEAT) - 2)
+    f = (x - i)[..., None]
+    heat = _HEAT[i] * (1 - f) + _HEAT[i + 1] * f
+    return np.clip(np.rint((1 - ATTENTION_TINT) * lit + ATTENTION_TINT * heat), 0, 255).astype(np.uint8)
+
+
+def attention_strip(image, tokens: Sequence[str], maps: np.ndarray, n_tokens: int,
+                    size: int = ATTENTION_SIZE) -> AttentionStrip:
+    """The heat maps of one caption: `maps` (m, G, G), one per token of
+    `tokens`, each over `image` (an RGB Pillow image) downscaled to `size`.
+    `n_tokens` is the whole caption's length (m or more)."""
+    from PIL import Image
+
+    small = image.copy()
+    small.thumbnail((size, size), Image.LANCZOS)
+    rgb = np.asarray(small.convert("RGB"))
+    return AttentionStrip(
+        [TokenAttention(token, _jpeg(Image.fromarray(attention_overlay(rgb, m)), ATTENTION_QUALITY), float(m.max()))
+         for token, m in zip(tokens, maps)],
+        n_tokens,
+        int(maps.shape[-1]),
+    )
+
+
+def _attention_maps(shown, langs, manifests, packs_dir: Path, report) -> dict[tuple[str, str], tuple[list[str], np.ndarray, int]]:
+    """(image path, lang) -> (tokens, maps (m, G, G), n_tokens) for every
+    caption in `shown` of a pack whose decoder attends: where it looked for
+    its first m <= ATTENTION_MAX_TOKENS tokens. One `attention_maps` call per
+    pack per ATTENTION_BATCH images; the grids come from the encoder's cache,
+    which captioning filled."""
+    from toolkit.config import DecoderConfig, from_dict
+    from toolkit.encoder import Encoder
+    from toolkit.pipeline import load_pack
+
+    out = {}
+    encoders: dict[str, Encoder] = {}
+    attending = [lang for lang in langs if from_dict(DecoderConfig, manifests[lang]["decoder"]).architecture == "attention"]
+    if attending:
+        report("stage", name="attention")
+    for lang in attending:
+        todo = [(path, ids[lang]) for path, _, _, ids in shown if ids.get(lang)]  # an empty caption has no tokens
+        if not todo:
+            continue
+        eid = manifests[lang]["encoder"]["id"]
+        if eid not in encoders:
+            encoders[eid] = Encoder.load(packs_dir, eid)
+        encoder = encoders[eid]
+        keys = encoder.extract([path for path, _ in todo], grid=True).keys
+        todo = [(path, ids) for path, ids in todo if path in keys]
+        pack = load_pack(packs_dir, lang, eid)
+        G = encoder.grid_size
+        for start in range(0, len(todo), ATTENTION_BATCH):
+            chunk = todo[start : start + ATTENTION_BATCH]
+            shown_ids = [ids[:ATTENTION_MAX_TOKENS] for _, ids in chunk]
+            grids = encoder.grid_features([keys[path] for path, _ in chunk])
+            maps = pack.step.decoder.attention_maps(grids, decoder_inputs(shown_ids))
+            for (path, ids), cut, m in zip(chunk, shown_ids, maps):
+                out[path, lang] = (pack.tokenizer.pieces(cut), m[: len(cut)].reshape(len(cut), G, G), len(ids))
+            report("progress", stage=f"attention {lang}", done=start + len(chunk), total=len(todo))
+    return out
 
 
 def build_report(
@@ -112,7 +259,9 @@ def build_report(
     *,
     references: Path | None = None,
     split: Path | None = None,
-    beam: int = 3,
+    beam: int = SEARCH.beam,
+    length_penalty: float = SEARCH.length_penalty,
+    no_repeat_ngram: int = SEARCH.no_repeat_ngram,
     bootstrap: int = 0,
     limit: int | None = None,
     thumb_size: int = THUMB_SIZE,
@@ -127,7 +276,8 @@ def build_report(
     page gets the BLEU table with its baselines; references are `references`,
     else each pack's own. Without `split`, `references` (any caption file)
     only shows beside the captions. `limit` caps the gallery; BLEU is always
-    on the whole split.
+    on the whole split. Captions of attention packs get their heat maps
+    (one per token, at most ATTENTION_MAX_TOKENS).
 
         build_report(["Images"], ["en", "zh"], packs, split=Path("test.txt"), limit=50, out=Path("r.html"))
     """
@@ -138,6 +288,7 @@ def build_report(
     from toolkit.pipeline import Report, caption_images, evaluate_packs, resolve_langs
 
     report = report or Report()
+    search = dict(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
     if limit is not None and limit < 1:
         raise CapkitError(f"--limit must be at least 1, not {limit}")
     packs_dir = Path(packs_dir)
@@ -155,11 +306,13 @@ def build_report(
                               hint="drop --split to caption a list of files")
         images_dir = inputs[0]
         report("stage", name="evaluate")
-        scores = evaluate_packs(langs, packs_dir, images_dir, split, references, beam=beam, bootstrap=bootstrap,
-                                report=report)
+        scores = evaluate_packs(langs, packs_dir, images_dir, split, references, bootstrap=bootstrap, report=report,
+                                **search)
         by_lang = {e["lang"]: e["captions"] for e in scores}
+        ids_by_lang = {e["lang"]: e["caption_ids"] for e in scores}
         names = [n for n in dict.fromkeys(read_split(split)) if any(n in c for c in by_lang.values())]
-        shown = [(str(images_dir / n), n, {lang: by_lang[lang].get(n) for lang in langs}) for n in names[:limit]]
+        shown = [(str(images_dir / n), n, {lang: by_lang[lang].get(n) for lang in langs},
+                  {lang: ids_by_lang[lang].get(n) for lang in langs}) for n in names[:limit]]
         ref_sets = {"": given_refs} if given_refs is not None else {
             lang: group_by_image(read_captions(folders[lang] / REFERENCES_FILE).captions) for lang in langs}
     else:
@@ -167,25 +320,30 @@ def build_report(
         if not paths:
             raise CapkitError(f"no images found in {', '.join(map(str, inputs))}")
         report("stage", name="caption")
-        caps = caption_images(paths[:limit], langs, packs_dir, beam=beam, report=report)
+        caps = caption_images(paths[:limit], langs, packs_dir, report=report, **search)
         skipped.update(caps.failures)
         per_image: dict[str, dict[str, str | None]] = {}
+        ids_per_image: dict[str, dict[str, list[int]]] = {}
         for r in caps.rows:
             per_image.setdefault(r["image"], {})[r["lang"]] = r["caption"]
-        shown = [(p, Path(p).name, c) for p, c in per_image.items()]
+            ids_per_image.setdefault(r["image"], {})[r["lang"]] = r["ids"]
+        shown = [(p, Path(p).name, c, ids_per_image[p]) for p, c in per_image.items()]
         ref_sets = {"": given_refs} if given_refs is not None else {}
+
+    attention = _attention_maps(shown, langs, manifests, packs_dir, report)
 
     report("stage", name="thumbnails")
     rows = []
-    for i, (path, name, captions) in enumerate(shown):
+    for i, (path, name, captions, _) in enumerate(shown):
         try:
-            thumb = thumbnail(path, thumb_size)
+            image = _small_rgb(path, thumb_size)
         except ImageError as e:
             skipped[path] = e.message
             report("warning", message=e.message)
             continue
         refs = {k: refs_by_image[name] for k, refs_by_image in ref_sets.items() if refs_by_image.get(name)}
-        rows.append(ReportRow(name, thumb, captions, refs))
+        strips = {lang: attention_strip(image, *attention[path, lang]) for lang in langs if (path, lang) in attention}
+        rows.append(ReportRow(name, _jpeg(image, THUMB_QUALITY), captions, refs, strips))
         report("progress", stage="thumbnails", done=i + 1, total=len(shown))
 
     histories = {}
@@ -204,7 +362,8 @@ def build_report(
     if split:
         meta["split"] = str(split)
     meta["references"] = str(references) if references else ("each pack's references.txt" if split else "none")
-    meta["beam"] = str(beam)
+    meta["search"] = f"beam {beam}, length penalty {length_penalty:g}, no repeated {no_repeat_ngram}-grams" \
+        if no_repeat_ngram else f"beam {beam}, length penalty {length_penalty:g}"
     meta["made"] = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by capkit {__version__}"
     data = ReportData(
         langs=langs, rows=rows, histories=histories, scores=scores,
@@ -237,6 +396,8 @@ table.scores tr.baseline{color:#555}table.scores tr.pack{font-weight:600}
 .thumb img{display:block;border-radius:3px}.thumb figure{margin:0}.thumb figcaption{font-size:.75rem;color:#666;word-break:break-all}
 td.caption{min-width:12rem;max-width:24rem}p.hyp{margin:0;font-size:1.05rem;font-weight:600}.note{color:#999;font-style:italic}
 ol.refs{margin:.4rem 0 0;padding-inline-start:1.2rem;font-size:.85rem;color:#555}
+.attention{display:flex;flex-wrap:wrap;gap:3px;margin:.4rem 0 0}.attention figure{margin:0;width:min-content}
+.attention img{display:block;border-radius:2px}.attention figcaption{font-size:.75rem;text-align:center;overflow-wrap:anywhere}
 """
 
 
@@ -282,8 +443,12 @@ def _gallery_html(data: ReportData) -> str:
     show_given = any("" in r.references for r in data.rows)
     head = "<tr><th>image</th>" + "".join(f"<th {_lang_attrs(lang)}>{_e(lang)}</th>" for lang in data.langs)
     head += "<th>references</th></tr>" if show_given else "</tr>"
-    out = [f'<section id="captions"><h2>Captions ({len(data.rows)} images)</h2>',
-           '<table class="gallery">', f"<thead>{head}</thead>", "<tbody>"]
+    out = [f'<section id="captions"><h2>Captions ({len(data.rows)} images)</h2>']
+    if any(r.attention for r in data.rows):
+        out.append('<p class="attention-note">Under the captions of packs whose decoder attends: where it looked '
+                   "to choose each token, brighter where it looked more. Each map is scaled to its own peak; "
+                   "hover over one for the peak's weight.</p>")
+    out += ['<table class="gallery">', f"<thead>{head}</thead>", "<tbody>"]
     for r in data.rows:
         t = r.thumbnail
         cells = [f'<td class="thumb"><figure><img src="{_e(t.data_uri)}" width="{t.width}" height="{t.height}" '
@@ -296,6 +461,8 @@ def _gallery_html(data: ReportData) -> str:
                 body = '<span class="note">(empty caption)</span>'  # an undertrained pack: say so, do not hide it
             else:
                 body = f'<p class="hyp">{_e(cap)}</p>'
+            if lang in r.attention:
+                body += _attention_html(r.attention[lang])
             if r.references.get(lang):
                 body += _refs_html(r.references[lang])
             cls = "caption" if cap is not None else "caption missing"
@@ -306,6 +473,20 @@ def _gallery_html(data: ReportData) -> str:
         out.append('<tr class="image-row">' + "".join(cells) + "</tr>")
     out += ["</tbody>", "</table>", "</section>"]
     return "\n".join(out)
+
+
+def _attention_html(strip: AttentionStrip) -> str:
+    """One figure per token: the heat map, the token's text under it, the map's peak in its title."""
+    figures = []
+    even = f"{1 / strip.grid**2:.1%} each if even over {strip.grid}x{strip.grid}"
+    for t in strip.tokens:
+        i = t.image
+        figures.append(f'<figure><img src="{_e(i.data_uri)}" width="{i.width}" height="{i.height}" alt="{_e(t.token)}" '
+                       f'title="{_e(t.token)}: {t.peak:.1%} of the attention on its top cell ({even})">'
+                       f'<figcaption>{_e(t.token) or "&#9251;"}</figcaption></figure>')  # a lone word start: "␣"
+    if strip.n_tokens > len(strip.tokens):
+        figures.append(f'<span class="note">first {len(strip.tokens)} of {strip.n_tokens} tokens</span>')
+    return '<div class="attention">' + "".join(figures) + "</div>"
 
 
 def _refs_html(refs: Sequence[str]) -> str:

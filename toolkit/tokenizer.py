@@ -15,6 +15,7 @@ from typing import Iterable
 from toolkit.errors import CapkitError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+WORD_START = "\u2581"  # SentencePiece's mark of a piece that begins a word ("▁dog")
 # Languages whose scripts have many distinct characters: cover almost all of them.
 _WIDE_SCRIPTS = {"zh", "ja", "ko", "yue"}
 
@@ -37,6 +38,14 @@ class Tokenizer:
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return self.sp.decode([[i for i in seq if i > EOS_ID] for seq in ids])
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The text of each id of one caption, word-start marks dropped: `[5, 9, 14] -> ["a", "do", "g"]`.
+
+        One entry per id (a lone word-start piece gives ""), so entry i
+        belongs to ids[i] (and to row i of `AttentionDecoder.attention_maps`).
+        """
+        return [self.sp.id_to_piece(int(i)).replace(WORD_START, "") for i in ids]
 
     def save(self, path: str | Path) -> None:
         from toolkit.pack import atomic_write_bytes
