@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from toolkit.config import SEARCH, DecoderConfig
+from toolkit.config import SEARCH, DecoderConfig, TrainConfig
 from toolkit.errors import CapkitError
 
 app = typer.Typer(
@@ -141,26 +141,26 @@ def build_pack(
     encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="imagenet, none (random, tests only) or a .weights.h5 path."),
     image_size: int = typer.Option(299, "--image-size", help="Encoder input side (Xception: 299; at least 71)."),
     packs_dir: Optional[Path] = PacksDir,
-    decoder: str = typer.Option("lstm", "--decoder",
+    decoder: str = typer.Option(DecoderConfig.architecture, "--decoder",
                                 help="lstm (the image sets the LSTM's first state), attention (the LSTM looks over "
                                 "the encoder's feature grid for every word; caches the grids, 400 KB an image at 299 px) "
                                 "or merge (the classic tutorials' design, for comparison)."),
-    epochs: int = typer.Option(30, "--epochs", help="Most epochs; early stopping on dev loss ends sooner."),
-    vocab_size: int = typer.Option(2000, "--vocab-size", help="Tokenizer vocabulary (a cap; small corpora get less)."),
-    units: int = typer.Option(512, "--units", help="LSTM width."),
-    embed_dim: int = typer.Option(256, "--embed-dim"),
-    dropout: float = typer.Option(0.5, "--dropout"),
-    batch_size: int = typer.Option(64, "--batch-size", help="Captions per training step."),
-    learning_rate: float = typer.Option(2e-3, "--learning-rate"),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Target probability spread over the vocabulary."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Most epochs; early stopping on dev loss ends sooner."),
+    vocab_size: int = typer.Option(DecoderConfig.vocab_size, "--vocab-size", help="Tokenizer vocabulary (a cap; small corpora get less)."),
+    units: int = typer.Option(DecoderConfig.units, "--units", help="LSTM width."),
+    embed_dim: int = typer.Option(DecoderConfig.embed_dim, "--embed-dim"),
+    dropout: float = typer.Option(DecoderConfig.dropout, "--dropout"),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", help="Captions per training step."),
+    learning_rate: float = typer.Option(TrainConfig.learning_rate, "--learning-rate"),
+    label_smoothing: float = typer.Option(TrainConfig.label_smoothing, "--label-smoothing", help="Target probability spread over the vocabulary."),
     attention_reg: float = typer.Option(DecoderConfig.attention_reg, "--attention-reg",
                                         help="attention only: weight of the penalty spreading attention over every grid cell."),
-    patience: int = typer.Option(3, "--patience", help="Epochs without dev improvement before stopping."),
+    patience: int = typer.Option(TrainConfig.patience, "--patience", help="Epochs without dev improvement before stopping."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
     length_penalty: float = LengthPenaltyOption(),
     no_repeat_ngram: int = NoRepeatOption(),
     pack_version: str = typer.Option("1.0.0", "--pack-version"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(TrainConfig.seed, "--seed"),
     strategy: str = typer.Option("default", "--strategy",
                                  help="Training devices: default (one), mirrored (all local GPUs), multiworker (TF_CONFIG)."),
 ):
