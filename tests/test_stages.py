@@ -48,6 +48,32 @@ def test_a_cap_below_the_characters_of_a_wide_script_gives_characters():
     assert tok.decode(ids) == texts[:20] and all(UNK_ID not in seq for seq in ids)
 
 
+def test_tokenizer_models_bpe_keeps_frequent_words_whole_and_char_splits_characters():
+    from toolkit.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["a", "black", "little", "dog", "girl", "runs", "climbing", "wooden", "fence", "on", "the", "grass"]
+    texts = [" ".join(rng.choice(words, 8)) for _ in range(300)]
+    bpe = train_tokenizer(texts, "en", vocab_size=200, model_type="bpe")
+    assert [len(ids) for ids in bpe.encode(words)] == [1] * len(words)  # every frequent word is one piece
+    assert bpe.decode(bpe.encode(texts[:5])) == texts[:5]
+    zh = ["一只狗在草地上跑", "一只猫坐在垫子上"] * 10
+    char = train_tokenizer(zh, "zh", vocab_size=5000, model_type="char")
+    assert char.vocab_size < 30 and char.decode(char.encode(zh[:2])) == zh[:2]
+    assert all(len(p) <= 1 for p in char.pieces(char.encode(zh[:1])[0]))
+
+
+def test_manifests_get_the_values_old_packs_had_for_fields_added_later():
+    from dataclasses import asdict
+
+    from toolkit.config import ADDED_FIELDS, DecoderConfig, from_dict
+
+    old = {k: v for k, v in asdict(DecoderConfig(tokenizer="bpe")).items() if k not in ADDED_FIELDS["DecoderConfig"]}
+    assert from_dict(DecoderConfig, old).tokenizer == "unigram"  # what they were trained with, whatever today's default
+    with pytest.raises(CapkitError, match="missing"):
+        from_dict(DecoderConfig, {k: v for k, v in old.items() if k != "units"})
+
+
 def test_tokenizer_pieces_give_each_id_its_text():
     from toolkit.tokenizer import WORD_START, train_tokenizer
 

@@ -146,6 +146,8 @@ def build_pack(
                                 "the encoder's feature grid for every word; caches the grids, 400 KB an image at 299 px) "
                                 "or merge (the classic tutorials' design, for comparison)."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Most epochs; early stopping on dev loss ends sooner."),
+    tokenizer: str = typer.Option(DecoderConfig.tokenizer, "--tokenizer",
+                                  help="SentencePiece model: unigram, bpe, or char (one piece per character)."),
     vocab_size: int = typer.Option(DecoderConfig.vocab_size, "--vocab-size", help="Tokenizer vocabulary (a cap; small corpora get less)."),
     units: int = typer.Option(DecoderConfig.units, "--units", help="LSTM width."),
     embed_dim: int = typer.Option(DecoderConfig.embed_dim, "--embed-dim"),
@@ -171,6 +173,10 @@ def build_pack(
     if decoder not in DECODER_ARCHITECTURES:
         raise CapkitError(f"--decoder must be one of {', '.join(DECODER_ARCHITECTURES)}, not {decoder!r}")
     _check_lang(source_lang)
+    from toolkit.config import TOKENIZER_MODELS
+
+    if tokenizer not in TOKENIZER_MODELS:
+        raise CapkitError(f"--tokenizer must be one of {', '.join(TOKENIZER_MODELS)}, not {tokenizer!r}")
     if epochs < 1:
         raise CapkitError(f"--epochs must be at least 1, not {epochs}")
     search = _search_options(beam, length_penalty, no_repeat_ngram)
@@ -203,7 +209,7 @@ def build_pack(
         source_lang=source_lang, translator=translator, translator_options=options,
         encoder_config=_encoder_config(encoder_weights, image_size, 32),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
-                                     dropout=dropout, attention_reg=attention_reg),
+                                     dropout=dropout, attention_reg=attention_reg, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  label_smoothing=label_smoothing, patience=patience, seed=seed, strategy=strategy),
         pack_version=pack_version, report=Report(_Progress()), **search,

@@ -29,6 +29,7 @@ class EncoderConfig:
 
 
 DECODER_ARCHITECTURES = ("lstm", "attention", "merge")
+TOKENIZER_MODELS = ("unigram", "bpe", "char")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class DecoderConfig:
     # "merge": the classic tutorials' design, image vector added to the LSTM's output (MergeDecoder), kept as
     # the reference point the others must beat.
     architecture: str = "lstm"
+    tokenizer: str = "unigram"  # SentencePiece model: unigram, bpe, or char (one piece per character)
     vocab_size: int = 2000      # SentencePiece vocabulary; a soft cap, shrunk for small corpora
     feature_dim: int = 2048     # encoder output width (channels of the Xception feature map)
     embed_dim: int = 256        # token embedding width
@@ -76,11 +78,15 @@ class SearchConfig:
 SEARCH = SearchConfig()
 
 
-# Fields added after packs were first written, by class. A manifest that lacks one
-# predates it, and the field's default is what those packs were: every pack before
-# `architecture` is an "lstm" one, which the attention settings do not touch. Any
+# Fields added after packs were first written, by class, with the value every
+# pack written before the field had. A manifest that lacks one predates it and
+# gets that value (not today's default): every pack before `architecture` is an
+# "lstm" one with a unigram tokenizer, trained without label smoothing. Any
 # other missing field is still an error.
-ADDED_FIELDS = {"DecoderConfig": ("architecture", "attention_reg", "deep_output"), "TrainConfig": ("label_smoothing",)}
+ADDED_FIELDS = {
+    "DecoderConfig": {"architecture": "lstm", "attention_reg": 1.0, "deep_output": False, "tokenizer": "unigram"},
+    "TrainConfig": {"label_smoothing": 0.0},
+}
 
 
 def from_dict(cls, data: dict):
@@ -95,4 +101,4 @@ def from_dict(cls, data: dict):
             f"{cls.__name__} in manifest does not match this toolkit: "
             f"unknown {sorted(unknown)}, missing {sorted(missing)}"
         )
-    return cls(**data)
+    return cls(**{**ADDED_FIELDS.get(cls.__name__, {}), **data})

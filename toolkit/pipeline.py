@@ -196,7 +196,7 @@ def build_pack(
     from toolkit.tokenizer import BOS_ID, EOS_ID, train_tokenizer
 
     train_texts = [t for n in present["train"] for t in texts[n]]
-    tokenizer = train_tokenizer(train_texts, lang, dec_cfg.vocab_size)
+    tokenizer = train_tokenizer(train_texts, lang, dec_cfg.vocab_size, dec_cfg.tokenizer)
     dec_cfg.vocab_size = tokenizer.vocab_size
 
     # 5. Decoder, resumable from its checkpoints.
@@ -279,7 +279,7 @@ def build_pack(
         "toolkit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "encoder": {k: encoder.identity[k] for k in ("id", "name", "image_size", "digest", "source")},
-        "tokenizer": {"file": TOKENIZER_FILE, "type": "sentencepiece-unigram", "vocab_size": tokenizer.vocab_size},
+        "tokenizer": {"file": TOKENIZER_FILE, "type": f"sentencepiece-{dec_cfg.tokenizer}", "vocab_size": tokenizer.vocab_size},
         "decoder": asdict(dec_cfg),
         "train": asdict(tr_cfg),
         "data": {

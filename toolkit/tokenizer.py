@@ -61,7 +61,7 @@ class Tokenizer:
             raise CapkitError(f"{path}: not a readable SentencePiece model ({e})") from e
 
 
-def train_tokenizer(texts: Iterable[str], lang: str, vocab_size: int = 2000) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], lang: str, vocab_size: int = 2000, model_type: str = "unigram") -> Tokenizer:
     """Train on `texts` (the train split's captions). `vocab_size` is a soft cap:
     a small corpus gets the vocabulary it can support instead of an error.
 
@@ -69,28 +69,32 @@ def train_tokenizer(texts: Iterable[str], lang: str, vocab_size: int = 2000) -> 
 
     In Chinese or Japanese a cap below the number of characters the corpus
     needs gives that many pieces instead: a character-level vocabulary.
+
+    `model_type` is SentencePiece's: "unigram", "bpe" (on small English
+    corpora it keeps frequent words whole, where unigram cuts "bl|ack"), or
+    "char" (one piece per character; `vocab_size` is then ignored).
     """
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise CapkitError("no captions to train the tokenizer on")
     try:
-        return _train(texts, lang, max(8, vocab_size))
+        return _train(texts, lang, max(8, vocab_size), model_type)
     except RuntimeError as e:
         # Wide scripts: every kept character needs a piece, so the cap cannot go below their count.
         need = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e))
         if not need:
             raise CapkitError(f"SentencePiece could not train a {vocab_size}-piece vocabulary: {str(e)[-300:]}") from None
-        return _train(texts, lang, int(need.group(1)) + 4)  # + pad, unk, bos, eos
+        return _train(texts, lang, int(need.group(1)) + 4, model_type)  # + pad, unk, bos, eos
 
 
-def _train(texts: list[str], lang: str, vocab_size: int) -> Tokenizer:
+def _train(texts: list[str], lang: str, vocab_size: int, model_type: str) -> Tokenizer:
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
-        model_type="unigram",
+        model_type=model_type,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
         # Case folding: 753 images cannot afford separate "A" and "a".
