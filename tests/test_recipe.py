@@ -92,3 +92,21 @@ def test_manifests_from_before_label_smoothing_still_load():
 
     old = {k: v for k, v in asdict(TrainConfig()).items() if k != "label_smoothing"}
     assert from_dict(TrainConfig, old).label_smoothing == 0.0
+
+
+def test_auto_tokenizer_is_characters_where_bleu_counts_characters(tiny_packs):
+    from toolkit.config import resolve_tokenizer
+    from toolkit.pack import load_manifest
+    from toolkit.pipeline import load_pack
+
+    assert [resolve_tokenizer("auto", lang) for lang in ("en", "zh", "ja", "tr", "zh-TW")] == ["bpe", "char", "char", "bpe", "char"]
+    assert resolve_tokenizer("unigram", "zh") == "unigram"
+    for lang, model in (("en", "bpe"), ("zh", "char")):
+        m = load_manifest(tiny_packs / lang)
+        assert m["decoder"]["tokenizer"] == model and m["tokenizer"]["type"] == f"sentencepiece-{model}"
+    from toolkit.data import read_captions
+
+    zh = load_pack(tiny_packs, "zh").tokenizer
+    text = read_captions(tiny_packs / "zh" / "captions.txt").captions[0].text
+    pieces = zh.pieces(zh.encode([text])[0])
+    assert "".join(pieces) == text.replace(" ", "") and all(len(p) <= 1 for p in pieces)

@@ -12,14 +12,14 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from toolkit import __version__
-from toolkit.config import ADDED_FIELDS, SEARCH, DecoderConfig, EncoderConfig, TrainConfig, from_dict
+from toolkit.config import ADDED_FIELDS, SEARCH, DecoderConfig, EncoderConfig, TrainConfig, from_dict, resolve_tokenizer
 from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
 from toolkit.errors import CapkitError
 from toolkit.pack import (
@@ -105,11 +105,12 @@ def build_pack(
     """
     report = report or Report()
     enc_cfg = encoder_config or EncoderConfig()
-    dec_cfg = decoder_config or DecoderConfig()
+    dec_cfg = replace(decoder_config) if decoder_config else DecoderConfig()  # a copy: the build fills in fields
     tr_cfg = train_config or TrainConfig()
     from toolkit.decoder import decoder_class, distribution_strategy
 
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
+    dec_cfg.tokenizer = resolve_tokenizer(dec_cfg.tokenizer, lang)  # the manifest names the model really trained
     distribution_strategy(tr_cfg.strategy)  # checks the name; collective strategies must exist before TF runs an op
     grid = dec_cfg.architecture == "attention"
     packs_dir = Path(packs_dir)
