@@ -92,7 +92,7 @@ def test_old_manifests_without_the_architecture_load_as_lstm():
     from toolkit.errors import CapkitError
 
     old = {k: v for k, v in asdict(DecoderConfig()).items() if k not in ADDED_FIELDS["DecoderConfig"]}
-    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm")
+    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm", tokenizer="unigram")
     new = asdict(DecoderConfig(architecture="attention", attention_reg=0.5))
     assert from_dict(DecoderConfig, new).architecture == "attention"
     with pytest.raises(CapkitError, match=r"missing \['units'\]"):  # every other field stays required
@@ -222,7 +222,7 @@ def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tin
     assert not zh.needs_grid and isinstance(zh.step.decoder, CaptionDecoder)
 
     imgs = sorted(tiny_dataset["images"].iterdir())[:5]
-    out = caption_images(imgs, ["all"], packs, beam=2)
+    out = caption_images(imgs, ["all"], packs, beam=2, length_penalty=0.0, no_repeat_ngram=0)
     assert len(out.rows) == 10 and not out.failures
     enc = Encoder.load(packs, en.manifest["encoder"]["id"])
     grids = enc.grid_features([enc.extract(imgs).keys[str(p)] for p in imgs])

@@ -68,10 +68,10 @@ def test_merge_pack_with_smoothing_and_search_settings_end_to_end(tiny_dataset, 
     from toolkit.pipeline import caption_images, evaluate_packs, load_pack
 
     packs = tmp_path / "packs"
-    build_tiny_pack("en", tiny_dataset, packs, decoder=dict(architecture="merge"), train=dict(epochs=2, label_smoothing=0.1),
+    build_tiny_pack("en", tiny_dataset, packs, decoder=dict(architecture="merge"), train=dict(epochs=2, label_smoothing=0.2),
                     beam=2, length_penalty=1.0, no_repeat_ngram=2)
     m = load_manifest(packs / "en")
-    assert m["decoder"]["architecture"] == "merge" and m["train"]["label_smoothing"] == 0.1
+    assert m["decoder"]["architecture"] == "merge" and m["train"]["label_smoothing"] == 0.2
     model = m["scores"]["test"]["model"]
     assert (model["beam"], model["length_penalty"], model["no_repeat_ngram"]) == (2, 1.0, 2)
     assert type(load_pack(packs, "en").step.decoder).__name__ == "MergeDecoder"

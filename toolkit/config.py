@@ -72,7 +72,7 @@ class TrainConfig:
     epochs: int = 30            # upper bound; early stopping on dev loss usually ends sooner
     batch_size: int = 64        # captions per step
     learning_rate: float = 2e-3 # Adam; halved when dev loss stalls
-    label_smoothing: float = 0.0  # share of each target's probability spread over the whole vocabulary
+    label_smoothing: float = 0.1  # share of each target's probability spread over the whole vocabulary
     patience: int = 3           # epochs without dev-loss improvement before stopping
     seed: int = 0               # shuffling and initialisation
     strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs), multiworker (TF_CONFIG)
@@ -85,9 +85,9 @@ class SearchConfig:
     Chosen on the dev split (docs/experiments.md); every command can override each field.
     """
 
-    beam: int = 3                 # beams per image; 1 is greedy
-    length_penalty: float = 0.0   # final beam choice by log-probability / (length + 1)**this; 0 favours short captions
-    no_repeat_ngram: int = 0      # forbid any n-gram of this many tokens twice in one caption; 0 allows all
+    beam: int = 5                 # beams per image; 1 is greedy
+    length_penalty: float = 0.5   # final beam choice by log-probability / (length + 1)**this; 0 favours short captions
+    no_repeat_ngram: int = 3      # forbid any n-gram of this many tokens twice in one caption; 0 allows all
 
 
 SEARCH = SearchConfig()
