@@ -248,8 +248,21 @@ class TranslationCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Switching a new file to WAL takes an exclusive lock, and SQLite answers "database is
+        # locked" at once, without waiting, when another connection is doing the same: retry.
+        for attempt in range(40):
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 39:
+                    raise CapkitError(f"{self.path}: translation cache unusable ({exc})") from exc
+                self._db.close()
+                time.sleep(0.05 * (1 + attempt % 5))
+
+    def _open(self) -> None:
+        self._db = sqlite3.connect(self.path, timeout=60.0)  # waits out other writers
         try:
-            self._db = sqlite3.connect(self.path, timeout=60.0)  # waits out other writers
             self._db.execute("PRAGMA journal_mode=WAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, CACHE_VERSION):
@@ -260,7 +273,10 @@ class TranslationCache:
                     "CREATE TABLE IF NOT EXISTS translations (backend TEXT, source TEXT, target TEXT,"
                     " text TEXT, translation TEXT NOT NULL, PRIMARY KEY (backend, source, target, text))")
                 self._db.execute(f"PRAGMA user_version = {CACHE_VERSION}")
+        except sqlite3.OperationalError:
+            raise  # busy: the caller retries
         except sqlite3.DatabaseError as exc:
+            self._db.close()
             raise CapkitError(f"{self.path}: not a translation cache ({exc})") from exc
 
     def get(self, backend: str, source: str, target: str, texts) -> dict[str, str]:
