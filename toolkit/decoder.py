@@ -44,7 +44,22 @@ STRATEGIES = ("default", "mirrored", "multiworker")
 MIXED_PRECISION_POLICY = "mixed_float16"  # on a GPU; logits and loss stay float32
 
 
-class CaptionDecoder(keras.Model):
+class _PooledFeatures:
+    """For the decoders that read one pooled vector per image: their input spec and how their weights are made."""
+
+    def feature_spec(self):
+        """What `initial_state` takes: pooled features (n, feature_dim)."""
+        return tf.TensorSpec([None, self.config.feature_dim], tf.float32)
+
+    def build_all(self, feature_dim: int):
+        """Create every weight (needed before load_weights); returns the model."""
+        if not self.norm.built:
+            self.norm.build((None, feature_dim))
+        self((np.zeros((1, feature_dim), np.float32), np.full((1, 2), BOS_ID, np.int32)))
+        return self
+
+
+class CaptionDecoder(_PooledFeatures, keras.Model):
     """features (n, 2048) + tokens (n, t) -> next-token logits (n, t, vocab).
 
     Inference goes through `initial_state` and `step`, one token per image per
@@ -82,17 +97,6 @@ class CaptionDecoder(keras.Model):
         # Looked up directly: the layer would attach its padding mask, which the cell cannot take.
         y, (h, c) = self.lstm.cell(tf.gather(self.embed.embeddings, tokens), [h, c])
         return tf.nn.log_softmax(tf.cast(self.head(y), tf.float32)), h, c
-
-    def feature_spec(self):
-        """What `initial_state` takes: pooled features (n, feature_dim)."""
-        return tf.TensorSpec([None, self.config.feature_dim], tf.float32)
-
-    def build_all(self, feature_dim: int) -> "CaptionDecoder":
-        """Create every weight (needed before load_weights)."""
-        if not self.norm.built:
-            self.norm.build((None, feature_dim))
-        self((np.zeros((1, feature_dim), np.float32), np.full((1, 2), BOS_ID, np.int32)))
-        return self
 
 
 class AttentionDecoder(keras.Model):
@@ -219,7 +223,7 @@ class AttentionDecoder(keras.Model):
         return self
 
 
-class MergeDecoder(keras.Model):
+class MergeDecoder(_PooledFeatures, keras.Model):
     """The classic tutorials' "merge" captioner, kept as the reference point the other decoders must beat.
 
     The LSTM reads the words alone; the image enters after it: the pooled
@@ -258,17 +262,6 @@ class MergeDecoder(keras.Model):
         """One token per row -> (log-probabilities of the next token, h, c, image vector)."""
         y, (h, c) = self.lstm.cell(tf.gather(self.embed.embeddings, tokens), [h, c])
         return tf.nn.log_softmax(tf.cast(self.head(self.merge(y + v)), tf.float32)), h, c, v
-
-    def feature_spec(self):
-        """What `initial_state` takes: pooled features (n, feature_dim)."""
-        return tf.TensorSpec([None, self.config.feature_dim], tf.float32)
-
-    def build_all(self, feature_dim: int) -> "MergeDecoder":
-        """Create every weight (needed before load_weights)."""
-        if not self.norm.built:
-            self.norm.build((None, feature_dim))
-        self((np.zeros((1, feature_dim), np.float32), np.full((1, 2), BOS_ID, np.int32)))
-        return self
 
 
 DECODERS = {"lstm": CaptionDecoder, "attention": AttentionDecoder, "merge": MergeDecoder}
