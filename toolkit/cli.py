@@ -147,7 +147,8 @@ def build_pack(
                                 "or merge (the classic tutorials' design, for comparison)."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Most epochs; early stopping on dev loss ends sooner."),
     tokenizer: str = typer.Option(DecoderConfig.tokenizer, "--tokenizer",
-                                  help="SentencePiece model: unigram, bpe, or char (one piece per character)."),
+                                  help="SentencePiece model: auto (char for languages scored by characters, "
+                                  "such as zh and ja; bpe elsewhere), bpe, unigram, or char (one piece per character)."),
     vocab_size: int = typer.Option(DecoderConfig.vocab_size, "--vocab-size", help="Tokenizer vocabulary (a cap; small corpora get less)."),
     units: int = typer.Option(DecoderConfig.units, "--units", help="LSTM width."),
     embed_dim: int = typer.Option(DecoderConfig.embed_dim, "--embed-dim"),
@@ -167,14 +168,12 @@ def build_pack(
                                  help="Training devices: default (one), mirrored (all local GPUs), multiworker (TF_CONFIG)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
-    from toolkit.config import DECODER_ARCHITECTURES, DecoderConfig, TrainConfig
+    from toolkit.config import DECODER_ARCHITECTURES, TOKENIZER_MODELS
 
     _check_lang(lang)
     if decoder not in DECODER_ARCHITECTURES:
         raise CapkitError(f"--decoder must be one of {', '.join(DECODER_ARCHITECTURES)}, not {decoder!r}")
     _check_lang(source_lang)
-    from toolkit.config import TOKENIZER_MODELS
-
     if tokenizer not in TOKENIZER_MODELS:
         raise CapkitError(f"--tokenizer must be one of {', '.join(TOKENIZER_MODELS)}, not {tokenizer!r}")
     if epochs < 1:
