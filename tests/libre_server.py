@@ -93,6 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _reply(self, status: int, body) -> None:
+        self._leave()  # the client may send its next request the moment it reads this one's answer
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -121,11 +122,18 @@ class _Handler(BaseHTTPRequestHandler):
             server.received.append(params.get("q", ""))
             server.inflight += 1
             server.max_inflight = max(server.max_inflight, server.inflight)
+        self._inflight = True
         try:
             self._translate(server, params)
         finally:
-            with server._lock:
-                server.inflight -= 1
+            self._leave()
+
+    def _leave(self) -> None:
+        """A translate request stops counting as in flight once its answer starts (or it is dropped)."""
+        if getattr(self, "_inflight", False):
+            self._inflight = False
+            with self.server.owner._lock:
+                self.server.owner.inflight -= 1
 
     def _translate(self, server: LibreServer, params: dict) -> None:
         fault = server._next_fault()
