@@ -254,7 +254,8 @@ def test_concurrency_is_bounded_and_rate_is_capped(tmp_path):
     import time
 
     with LibreServer(delay=0.05) as server:
-        run(server, tmp_path, captions(n_images=6), concurrency=2, max_chars=60)
+        # a time-out long enough that no request is retried while its first try is still being served
+        run(server, tmp_path, captions(n_images=6), concurrency=2, max_chars=60, timeout=10)
         assert server.max_inflight == 2
     with LibreServer() as server:
         start = time.monotonic()
