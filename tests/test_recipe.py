@@ -85,13 +85,45 @@ def test_merge_pack_with_smoothing_and_search_settings_end_to_end(tiny_dataset, 
         assert len(words) == len(set(words))  # no token twice (these tiny captions are one piece a word)
 
 
-def test_manifests_from_before_label_smoothing_still_load():
+def test_manifests_from_before_the_recipe_fields_still_load():
     from dataclasses import asdict
 
     from toolkit.config import TrainConfig, from_dict
 
-    old = {k: v for k, v in asdict(TrainConfig()).items() if k != "label_smoothing"}
-    assert from_dict(TrainConfig, old).label_smoothing == 0.0
+    old = {k: v for k, v in asdict(TrainConfig()).items() if k not in ("label_smoothing", "lr_schedule", "clipnorm")}
+    cfg = from_dict(TrainConfig, old)
+    assert (cfg.label_smoothing, cfg.lr_schedule, cfg.clipnorm) == (0.0, "plateau", 5.0)  # what those packs had
+
+
+@pytest.mark.parametrize("schedule", ["plateau", "cosine", "constant"])
+def test_learning_rate_schedules(schedule, tmp_path):
+    import math
+
+    from toolkit.config import DecoderConfig, TrainConfig
+    from toolkit.decoder import Sequences, train_decoder
+
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(12, 8)).astype(np.float32)
+    seqs = Sequences(np.arange(24, dtype=np.int32) % 12, [list(rng.integers(4, 20, size=rng.integers(2, 7))) for _ in range(24)])
+    noise = Sequences(seqs.image_index, [list(rng.integers(4, 20, size=6)) for _ in range(24)])  # dev loss soon stalls
+    cfg = DecoderConfig(vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0, max_length=8)
+    tc = TrainConfig(epochs=4, batch_size=8, learning_rate=1e-2, lr_schedule=schedule, clipnorm=0, patience=10)
+    _, state = train_decoder(feats, seqs, feats, noise, cfg, tc, tmp_path / "ck")
+    lrs = [h["lr"] for h in state["history"]]  # the rate each epoch ended with
+    assert len(lrs) == 4
+    if schedule == "cosine":  # set at the start of each epoch from the epoch alone
+        assert lrs == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)], rel=1e-5)
+    elif schedule == "constant":
+        assert lrs == pytest.approx([1e-2] * 4)
+    else:  # halved after each epoch whose dev loss was no better than the best so far
+        best, expected, lr = float("inf"), [], 1e-2
+        for h in state["history"]:
+            if h["val_loss"] < best:
+                best = h["val_loss"]
+            else:
+                lr /= 2
+            expected.append(lr)
+        assert lrs == pytest.approx(expected, rel=1e-5) and lrs[-1] < 1e-2
 
 
 def test_auto_tokenizer_is_characters_where_bleu_counts_characters(tiny_packs):

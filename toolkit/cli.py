@@ -154,7 +154,11 @@ def build_pack(
     embed_dim: int = typer.Option(DecoderConfig.embed_dim, "--embed-dim"),
     dropout: float = typer.Option(DecoderConfig.dropout, "--dropout"),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", help="Captions per training step."),
-    learning_rate: float = typer.Option(TrainConfig.learning_rate, "--learning-rate"),
+    learning_rate: float = typer.Option(TrainConfig.learning_rate, "--learning-rate", help="Adam's starting rate."),
+    lr_schedule: str = typer.Option(TrainConfig.lr_schedule, "--lr-schedule",
+                                    help="plateau (halve after an epoch without dev improvement), cosine (down to 0 "
+                                    "over --epochs) or constant."),
+    clipnorm: float = typer.Option(TrainConfig.clipnorm, "--clipnorm", help="Clip each gradient's norm to this; 0: no clipping."),
     label_smoothing: float = typer.Option(TrainConfig.label_smoothing, "--label-smoothing", help="Target probability spread over the vocabulary."),
     attention_reg: float = typer.Option(DecoderConfig.attention_reg, "--attention-reg",
                                         help="attention only: weight of the penalty spreading attention over every grid cell."),
@@ -168,7 +172,7 @@ def build_pack(
                                  help="Training devices: default (one), mirrored (all local GPUs), multiworker (TF_CONFIG)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
-    from toolkit.config import DECODER_ARCHITECTURES, TOKENIZER_MODELS
+    from toolkit.config import DECODER_ARCHITECTURES, LR_SCHEDULES, TOKENIZER_MODELS
 
     _check_lang(lang)
     if decoder not in DECODER_ARCHITECTURES:
@@ -186,6 +190,10 @@ def build_pack(
         raise CapkitError(f"--dropout must be in [0, 1), not {dropout}")
     if not learning_rate > 0:
         raise CapkitError(f"--learning-rate must be positive, not {learning_rate}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise CapkitError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
+    if not clipnorm >= 0:
+        raise CapkitError(f"--clipnorm must be 0 or more, not {clipnorm}")
     if not attention_reg >= 0:
         raise CapkitError(f"--attention-reg must be 0 or more, not {attention_reg}")
     if not 0 <= label_smoothing < 1:
@@ -210,7 +218,7 @@ def build_pack(
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout, attention_reg=attention_reg, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                                 label_smoothing=label_smoothing, patience=patience, seed=seed, strategy=strategy),
+                                 lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing, patience=patience, seed=seed, strategy=strategy),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
     m = result.manifest

@@ -29,6 +29,7 @@ class EncoderConfig:
 
 
 DECODER_ARCHITECTURES = ("lstm", "attention", "merge")
+LR_SCHEDULES = ("plateau", "cosine", "constant")
 TOKENIZER_MODELS = ("auto", "unigram", "bpe", "char")
 
 
@@ -71,7 +72,10 @@ class DecoderConfig:
 class TrainConfig:
     epochs: int = 30            # upper bound; early stopping on dev loss usually ends sooner
     batch_size: int = 64        # captions per step
-    learning_rate: float = 2e-3 # Adam; halved when dev loss stalls
+    learning_rate: float = 2e-3 # Adam's starting rate
+    lr_schedule: str = "plateau"  # "plateau": halved after each epoch without dev-loss improvement; "cosine": from
+                                # learning_rate down to 0 over `epochs`, by epoch; "constant"
+    clipnorm: float = 5.0       # each gradient's norm is clipped to this; 0 turns clipping off
     label_smoothing: float = 0.1  # share of each target's probability spread over the whole vocabulary
     patience: int = 3           # epochs without dev-loss improvement before stopping
     seed: int = 0               # shuffling and initialisation
@@ -100,7 +104,7 @@ SEARCH = SearchConfig()
 # other missing field is still an error.
 ADDED_FIELDS = {
     "DecoderConfig": {"architecture": "lstm", "attention_reg": 1.0, "deep_output": False, "tokenizer": "unigram"},
-    "TrainConfig": {"label_smoothing": 0.0},
+    "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0},
 }
 
 

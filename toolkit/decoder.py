@@ -20,6 +20,7 @@ a tuple of per-row tensors, `step(tokens, *state)` returns
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -396,9 +397,11 @@ def _is_chief(strategy) -> bool:
 class _Checkpoints(keras.callbacks.Callback):
     """Best weights for early stopping, last weights + state each epoch for resuming."""
 
-    def __init__(self, folder: Path, state: dict, patience: int, progress):
+    def __init__(self, folder: Path, state: dict, train_config: TrainConfig, progress):
         super().__init__()
-        self.folder, self.state, self.patience, self.progress = folder, state, patience, progress
+        self.folder, self.state, self.progress = folder, state, progress
+        self.patience, self.schedule = train_config.patience, train_config.lr_schedule
+        self.base_lr, self.epochs = train_config.learning_rate, train_config.epochs
 
     def on_epoch_end(self, epoch, logs=None):
         from toolkit.pack import atomic_write_text
@@ -414,9 +417,9 @@ class _Checkpoints(keras.callbacks.Callback):
             _save_weights(self.model, self.folder / CHECKPOINT_BEST_FILE)
         else:
             s["wait"] += 1
-            # Halve the learning rate when dev loss stalls.
-            lr = self.model.optimizer.learning_rate
-            lr.assign(lr * 0.5)
+            if self.schedule == "plateau":  # halve the learning rate when dev loss stalls
+                lr = self.model.optimizer.learning_rate
+                lr.assign(lr * 0.5)
         s["epoch"] = epoch + 1
         s["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         _save_weights(self.model, self.folder / CHECKPOINT_LAST_FILE)
@@ -428,6 +431,9 @@ class _Checkpoints(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.state["_t0"] = time.perf_counter()
+        if self.schedule == "cosine":  # a function of the epoch alone, so a resumed run follows the same curve
+            self.model.optimizer.learning_rate.assign(
+                self.base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs)))
 
 
 class CaptionLoss(keras.losses.Loss):
@@ -516,7 +522,7 @@ def train_decoder(
         if resume:
             state = json.loads(state_path.read_text())
         model.compile(  # under mixed_float16 Keras wraps Adam in a LossScaleOptimizer
-            optimizer=keras.optimizers.Adam(state["lr"], clipnorm=5.0),
+            optimizer=keras.optimizers.Adam(state["lr"], clipnorm=train_config.clipnorm or None),
             loss=CaptionLoss(train_config.label_smoothing),
         )
         if resume:
@@ -531,7 +537,7 @@ def train_decoder(
             validation_data=_dataset(dev_features, dev, config, 256, False, 0, shard) if len(dev.tokens) else None,
             epochs=train_config.epochs,
             initial_epoch=state["epoch"],
-            callbacks=[_Checkpoints(checkpoint_dir, state, train_config.patience, progress)],
+            callbacks=[_Checkpoints(checkpoint_dir, state, train_config, progress)],
             shuffle=False,  # the dataset shuffles itself, reproducibly by seed
             verbose=0,
         )
