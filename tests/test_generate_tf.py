@@ -12,41 +12,57 @@ from toolkit.generate import KerasStepModel, beam_search, beam_search_tf, greedy
 BOS, EOS = 1, 2
 
 
+ARCHITECTURES = ("lstm", "merge", "attention")
+
+
 @functools.lru_cache(maxsize=None)
-def random_step_model(seed: int):
-    """One traced step function per seed, shared by that seed's tests."""
-    model, feats = random_decoder(seed)
+def random_step_model(architecture: str, seed: int):
+    """One traced step function per decoder, shared by its tests."""
+    model, feats = random_decoder(seed, architecture)
     return KerasStepModel(model), feats
 
 
-def random_decoder(seed: int, vocab: int = 12, units: int = 16, fdim: int = 8):
+def random_decoder(seed: int, architecture: str = "lstm", vocab: int = 12, units: int = 16, fdim: int = 8,
+                   positions: int = 5):
+    """A small random decoder and features for 7 images (grids of `positions` cells for attention).
+
+    The attention decoder's state is four tensors, two of them per-image
+    grids that beams must reorder with h and c; the others carry (h, c) or
+    (h, c, image vector).
+    """
     import keras
 
     from toolkit.config import DecoderConfig
-    from toolkit.decoder import CaptionDecoder
+    from toolkit.decoder import decoder_class
 
     keras.utils.set_random_seed(seed)
-    cfg = DecoderConfig(vocab_size=vocab, feature_dim=fdim, embed_dim=8, units=units, dropout=0.0, max_length=12)
-    model = CaptionDecoder(cfg)
-    model.norm.adapt(np.random.default_rng(seed).normal(size=(20, fdim)).astype(np.float32))
+    cfg = DecoderConfig(architecture=architecture, vocab_size=vocab, feature_dim=fdim, embed_dim=8, units=units,
+                        dropout=0.0, max_length=12, deep_output=bool(seed % 2))
+    model = decoder_class(cfg)(cfg)
+    shape = (positions, fdim) if architecture == "attention" else (fdim,)
+    model.norm.adapt(np.random.default_rng(seed).normal(size=(20, *shape)).astype(np.float32))
     model.build_all(fdim)
     # Sharper next-token distributions than the initialisation gives, so captions end and beams diverge.
     w, b = model.head.get_weights()
     model.head.set_weights([w * 4, b])
-    feats = np.random.default_rng(seed + 100).normal(size=(7, fdim)).astype(np.float32)
+    if architecture == "attention":  # sharper attention too, so that where the model looks changes what it says
+        model.att_score.set_weights([w * 8 for w in model.att_score.get_weights()])
+    feats = np.random.default_rng(seed + 100).normal(size=(7, *shape)).astype(np.float32)
     return model, feats
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("beam", [1, 3, 5])
-@pytest.mark.parametrize("length_penalty,no_repeat", [(0.0, 0), (1.0, 0), (0.0, 2), (0.7, 1)])
-def test_compiled_beam_search_equals_numpy(seed, beam, length_penalty, no_repeat):
-    step, feats = random_step_model(seed)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("beam,length_penalty,no_repeat",
+                         [(1, 0.0, 0), (3, 0.0, 0), (5, 0.0, 0), (3, 1.0, 0), (5, 0.0, 2), (3, 0.7, 1)])
+def test_compiled_beam_search_equals_numpy(architecture, seed, beam, length_penalty, no_repeat):
+    step, feats = random_step_model(architecture, seed)
     want = beam_search(step, feats, BOS, EOS, beam=beam, max_length=12,
                        length_penalty=length_penalty, no_repeat_ngram=no_repeat)
     got = beam_search_tf(step, feats, BOS, EOS, beam=beam, max_length=12,
                          length_penalty=length_penalty, no_repeat_ngram=no_repeat)
     assert got == want
+    assert len({str(c) for c in got}) > 1  # the images are told apart
 
 
 def test_compiled_greedy_equals_numpy_and_the_settings_matter():
@@ -61,11 +77,14 @@ def test_compiled_greedy_equals_numpy_and_the_settings_matter():
     assert any(len(c) == 12 for c in g) or any(len(c) < 12 for c in g)
 
 
-def test_compiled_search_handles_any_batch_and_no_images():
-    model, feats = random_decoder(0)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_compiled_search_handles_any_batch_and_no_images(architecture):
+    model, feats = random_decoder(0, architecture)
     step = KerasStepModel(model)
     whole = beam_search_tf(step, feats, BOS, EOS, beam=3, max_length=12)
-    # One traced graph serves every batch size; rows do not influence each other.
+    # One traced graph serves every batch size; rows do not influence each other: beams reorder every part of
+    # the state (for attention, the per-image annotations with h and c), so an image gets its own caption
+    # alone or in a batch.
     assert [beam_search_tf(step, feats[i : i + 1], BOS, EOS, beam=3, max_length=12)[0] for i in range(len(feats))] == whole
     assert beam_search_tf(step, feats[:0], BOS, EOS, beam=3, max_length=12) == []
     assert len(step._searches) == 1
@@ -77,48 +96,3 @@ def test_no_repeat_ngram_holds_in_the_compiled_search():
         for caption in beam_search_tf(model, feats, BOS, EOS, beam=3, max_length=12, no_repeat_ngram=n):
             grams = [tuple(caption[i : i + n]) for i in range(len(caption) - n + 1)]
             assert len(grams) == len(set(grams)), (n, caption)
-
-
-# -- the attention decoder: a state of four tensors, two of them per-image grids --------
-
-
-@functools.lru_cache(maxsize=None)
-def random_attention_decoder(seed: int, vocab: int = 12, units: int = 16, fdim: int = 8, positions: int = 5):
-    import keras
-
-    from toolkit.config import DecoderConfig
-    from toolkit.decoder import AttentionDecoder
-
-    keras.utils.set_random_seed(seed)
-    cfg = DecoderConfig(architecture="attention", vocab_size=vocab, feature_dim=fdim, embed_dim=8, units=units,
-                        dropout=0.0, max_length=12, deep_output=bool(seed % 2))
-    model = AttentionDecoder(cfg)
-    rng = np.random.default_rng(seed)
-    model.norm.adapt(rng.normal(size=(20, positions, fdim)).astype(np.float32))
-    model.build_all(fdim)
-    w, b = model.head.get_weights()
-    model.head.set_weights([w * 4, b])
-    # Sharper attention too, so that where the model looks changes what it says.
-    model.att_score.set_weights([w * 8 for w in model.att_score.get_weights()])
-    feats = np.random.default_rng(seed + 100).normal(size=(7, positions, fdim)).astype(np.float32)
-    return KerasStepModel(model), feats
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("beam,length_penalty,no_repeat", [(1, 0.0, 0), (3, 0.0, 0), (5, 1.0, 2)])
-def test_compiled_search_equals_numpy_for_the_attention_decoder(seed, beam, length_penalty, no_repeat):
-    step, feats = random_attention_decoder(seed)
-    want = beam_search(step, feats, BOS, EOS, beam=beam, max_length=12,
-                       length_penalty=length_penalty, no_repeat_ngram=no_repeat)
-    got = beam_search_tf(step, feats, BOS, EOS, beam=beam, max_length=12,
-                         length_penalty=length_penalty, no_repeat_ngram=no_repeat)
-    assert got == want
-    assert len({str(c) for c in got}) > 1  # the images are told apart
-
-
-def test_attention_search_rows_are_independent_and_follow_their_image():
-    step, feats = random_attention_decoder(0)
-    whole = beam_search_tf(step, feats, BOS, EOS, beam=3, max_length=12)
-    # Beams reorder the per-image annotations with h and c: alone or in a batch, an image gets its own caption.
-    assert [beam_search_tf(step, feats[i : i + 1], BOS, EOS, beam=3, max_length=12)[0] for i in range(len(feats))] == whole
-    assert greedy_tf(step.decoder, feats, BOS, EOS, max_length=12) == greedy(step, feats, BOS, EOS, max_length=12)
