@@ -13,7 +13,13 @@ interval of the difference (a - b) with the share of resamples a wins.
     python scripts/recipe.py compare --lang en --packs-dir runs/exp/en_best --search 3,1,2 \
         --against runs/packs --against-search 5,0,0
 
-Both default to the shared data's dev split and photos.
+ensemble: packs of one language with the same tokenizer (trained with other
+settings or seeds), each alone and all together: one beam search over their
+averaged next-token probabilities.
+
+    python scripts/recipe.py ensemble --lang en --packs-dir runs/exp/en_a --with runs/exp/en_b --search 5,0.5,3
+
+All default to the shared data's dev split and photos.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import itertools
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,10 +85,65 @@ def compare(args) -> None:
           f"a better in {100 * pb['p_a_better']:.1f}% of {pb['n']} paired resamples of {pb['n_images']} images")
 
 
+class _Ensemble:
+    """A `StepModel` over several: each member's state side by side, next-token probabilities averaged."""
+
+    def __init__(self, steps):
+        self.steps, self.sizes = steps, []
+
+    def initial_state(self, features):
+        states = [step.initial_state(features) for step in self.steps]
+        self.sizes = [len(s) for s in states]
+        return tuple(t for s in states for t in s)
+
+    def step(self, tokens, state):
+        logps, new, i = [], [], 0
+        for step, k in zip(self.steps, self.sizes):
+            logp, s = step.step(tokens, state[i : i + k])
+            logps.append(np.asarray(logp, np.float64))
+            new += s
+            i += k
+        return np.logaddexp.reduce(logps, axis=0) - np.log(len(logps)), tuple(new)
+
+
+def ensemble(args) -> None:
+    from toolkit.data import group_by_image, read_captions, read_split
+    from toolkit.encoder import Encoder
+    from toolkit.errors import CapkitError
+    from toolkit.evaluate import corpus_bleu_scores
+    from toolkit.generate import beam_search
+    from toolkit.pack import REFERENCES_FILE, TOKENIZER_FILE
+    from toolkit.pipeline import load_pack
+    from toolkit.tokenizer import BOS_ID, EOS_ID
+
+    dirs = [args.packs_dir, *args.members]
+    packs = [load_pack(d, args.lang) for d in dirs]
+    if len({(p.dir / TOKENIZER_FILE).read_bytes() for p in packs}) > 1:
+        raise CapkitError("the packs' tokenizers differ; an ensemble averages over one vocabulary")
+    if len({p.manifest["encoder"]["id"] for p in packs}) > 1 or any(p.needs_grid for p in packs):
+        raise CapkitError("an ensemble here takes packs on one encoder's pooled features (lstm, merge)")
+    refs_all = group_by_image(read_captions(packs[0].dir / REFERENCES_FILE).captions)
+    names = [n for n in read_split(args.split) if n in refs_all and (args.images / n).is_file()]
+    encoder = Encoder.load(args.packs_dir, packs[0].manifest["encoder"]["id"])
+    paths = [args.images / n for n in names]
+    keys = encoder.extract(paths).keys
+    features = encoder.features([keys[str(p)] for p in paths])
+    refs = {n: refs_all[n] for n in names}
+    search = _search(args.search)
+    for members in [[p] for p in packs] + [packs]:
+        model = _Ensemble([p.step for p in members])
+        ids = [c for i in range(0, len(features), 64)
+               for c in beam_search(model, features[i : i + 64], BOS_ID, EOS_ID, search["beam"], 40,
+                                    search["length_penalty"], search["no_repeat_ngram"])]
+        s = corpus_bleu_scores(dict(zip(names, packs[0].tokenizer.decode(ids))), refs, args.lang).to_dict()
+        label = " + ".join(str(dirs[packs.index(p)]) for p in members)
+        print(f"{args.lang} {label}: BLEU-1 {s['bleu1']:.1f} BLEU-4 {s['bleu4']:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("sweep", "compare"):
+    for name in ("sweep", "compare", "ensemble"):
         p = sub.add_parser(name)
         p.add_argument("--lang", required=True)
         p.add_argument("--packs-dir", type=Path, required=True)
@@ -96,12 +159,15 @@ def main() -> None:
     c.add_argument("--search", default="3,0,0", help="beam,length_penalty,no_repeat_ngram of a")
     c.add_argument("--against", type=Path, required=True, help="packs dir of b")
     c.add_argument("--against-search", default="3,0,0", help="beam,length_penalty,no_repeat_ngram of b")
+    e = sub.choices["ensemble"]
+    e.add_argument("--with", dest="members", type=Path, action="append", required=True, help="packs dir of another member")
+    e.add_argument("--search", default="5,0.5,3", help="beam,length_penalty,no_repeat_ngram")
     args = ap.parse_args()
 
     from toolkit.errors import CapkitError
 
     try:
-        (sweep if args.command == "sweep" else compare)(args)
+        {"sweep": sweep, "compare": compare, "ensemble": ensemble}[args.command](args)
     except CapkitError as e:
         sys.exit(f"error: {e}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -142,3 +144,26 @@ def test_auto_tokenizer_is_characters_where_bleu_counts_characters(tiny_packs):
     text = read_captions(tiny_packs / "zh" / "captions.txt").captions[0].text
     pieces = zh.pieces(zh.encode([text])[0])
     assert "".join(pieces) == text.replace(" ", "") and all(len(p) <= 1 for p in pieces)
+
+
+def test_recipe_ensemble_averages_the_members_probabilities():
+    import importlib.util
+
+    from test_generate_tf import BOS, EOS, random_step_model
+    from toolkit.generate import beam_search
+
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "scripts" / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    a, feats = random_step_model("lstm", 0)
+    b, _ = random_step_model("merge", 0)
+    alone = beam_search(a, feats, BOS, EOS, beam=3, max_length=12)
+    assert beam_search(recipe._Ensemble([a]), feats, BOS, EOS, beam=3, max_length=12) == alone
+    assert beam_search(recipe._Ensemble([a, a]), feats, BOS, EOS, beam=3, max_length=12) == alone
+    both = recipe._Ensemble([a, b])
+    state = both.initial_state(feats)
+    assert len(state) == 2 + 3  # (h, c) of the lstm beside (h, c, image) of the merge decoder
+    logp, _ = both.step(np.full(len(feats), BOS), state)
+    pa, _ = a.step(np.full(len(feats), BOS), a.initial_state(feats))
+    pb, _ = b.step(np.full(len(feats), BOS), b.initial_state(feats))
+    np.testing.assert_allclose(np.exp(logp), (np.exp(pa) + np.exp(pb)) / 2, rtol=1e-5)
