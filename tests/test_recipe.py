@@ -138,6 +138,9 @@ def test_auto_tokenizer_is_characters_where_bleu_counts_characters(tiny_packs):
     for lang, model in (("en", "bpe"), ("zh", "char")):
         m = load_manifest(tiny_packs / lang)
         assert m["decoder"]["tokenizer"] == model and m["tokenizer"]["type"] == f"sentencepiece-{model}"
+        card = (tiny_packs / lang / "README.md").read_text()  # the model card says what was trained, and how
+        assert f"SentencePiece {model}, {m['tokenizer']['vocab_size']} pieces" in card
+        assert f"dropout {m['decoder']['dropout']}; Adam from {m['train']['learning_rate']} (plateau)" in card
     from toolkit.data import read_captions
 
     zh = load_pack(tiny_packs, "zh").tokenizer

@@ -352,7 +352,7 @@ def _check_writable(packs_dir: Path) -> None:
 
 
 def _write_model_card(folder: Path, m: dict) -> None:
-    d, t = m["data"], m["training"]
+    d, t, dc, tc = m["data"], m["training"], m["decoder"], m["train"]
     kind = "LSTM decoder attending over the feature grid of the" if _architecture(m) == "attention" else "LSTM decoder over the"
     lines = [
         f"# capkit language pack: {m['lang']}", "",
@@ -362,8 +362,12 @@ def _write_model_card(folder: Path, m: dict) -> None:
         f"- captions: `{d['captions']}` ({d['source_lang']}), translator: {d['translator']}",
         f"- images: {d['n_train_images']} train, {d['n_dev_images']} dev, {d['n_test_images']} test "
         f"({d['n_missing_images']} missing, {d['n_unreadable_images']} unreadable); {d['n_train_captions']} train captions",
-        f"- tokenizer: SentencePiece unigram, {m['tokenizer']['vocab_size']} pieces, trained on the train split only", "",
+        f"- tokenizer: SentencePiece {m['tokenizer']['type'].removeprefix('sentencepiece-')}, "
+        f"{m['tokenizer']['vocab_size']} pieces, trained on the train split only", "",
         "## Training",
+        f"- {dc['architecture']} decoder: embeddings {dc['embed_dim']}, LSTM {dc['units']}, dropout {dc['dropout']}; "
+        f"Adam from {tc['learning_rate']} ({tc['lr_schedule']}), gradient norm clipped at {tc['clipnorm'] or 'none'}, "
+        f"label smoothing {tc['label_smoothing']}, batches of {tc['batch_size']}, seed {tc['seed']}",
         f"- {t['epochs_run']} epochs (best {t['best_epoch']}, dev loss {t['best_dev_loss']:.3f}), {t['seconds']} s on {t['hardware']}", "",
         "## Scores (corpus BLEU, 0-100)", "",
         "| split | system | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |", "|---|---|---|---|---|---|",
