@@ -218,7 +218,8 @@ def build_pack(
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout, attention_reg=attention_reg, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                                 lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing, patience=patience, seed=seed, strategy=strategy),
+                                 lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
+                                 patience=patience, seed=seed, strategy=strategy),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
     m = result.manifest
