@@ -130,13 +130,13 @@ def ensemble(args) -> None:
     features = encoder.features([keys[str(p)] for p in paths])
     refs = {n: refs_all[n] for n in names}
     search = _search(args.search)
-    for members in [[p] for p in packs] + [packs]:
-        model = _Ensemble([p.step for p in members])
+    for members in [[i] for i in range(len(packs))] + [list(range(len(packs)))]:
+        model = _Ensemble([packs[i].step for i in members])
         ids = [c for i in range(0, len(features), 64)
                for c in beam_search(model, features[i : i + 64], BOS_ID, EOS_ID, search["beam"], 40,
                                     search["length_penalty"], search["no_repeat_ngram"])]
         s = corpus_bleu_scores(dict(zip(names, packs[0].tokenizer.decode(ids))), refs, args.lang).to_dict()
-        label = " + ".join(str(dirs[packs.index(p)]) for p in members)
+        label = " + ".join(str(dirs[i]) for i in members)
         print(f"{args.lang} {label}: BLEU-1 {s['bleu1']:.1f} BLEU-4 {s['bleu4']:.1f}")
 
 
