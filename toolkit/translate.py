@@ -257,7 +257,6 @@ class TranslationCache:
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or attempt == 39:
                     raise CapkitError(f"{self.path}: translation cache unusable ({exc})") from exc
-                self._db.close()
                 time.sleep(0.05 * (1 + attempt % 5))
 
     def _open(self) -> None:
@@ -273,10 +272,10 @@ class TranslationCache:
                     "CREATE TABLE IF NOT EXISTS translations (backend TEXT, source TEXT, target TEXT,"
                     " text TEXT, translation TEXT NOT NULL, PRIMARY KEY (backend, source, target, text))")
                 self._db.execute(f"PRAGMA user_version = {CACHE_VERSION}")
-        except sqlite3.OperationalError:
-            raise  # busy: the caller retries
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise  # busy (the caller retries) or unusable (the caller says so)
             raise CapkitError(f"{self.path}: not a translation cache ({exc})") from exc
 
     def get(self, backend: str, source: str, target: str, texts) -> dict[str, str]:
