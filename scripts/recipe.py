@@ -9,9 +9,13 @@ BLEU-4 bootstrap interval, mean caption length and the repetition rate.
 compare: two packs of one language (two packs dirs) with a search setting
 each, scored on the same images: BLEU-4 of each, and the paired bootstrap
 interval of the difference (a - b) with the share of resamples a wins.
+Either side may name several packs dirs (one recipe trained with other
+seeds): it is then scored by its runs' mean BLEU-4.
 
     python scripts/recipe.py compare --lang en --packs-dir runs/exp/en_best --search 3,1,2 \
         --against runs/packs --against-search 5,0,0
+    python scripts/recipe.py compare --lang en --packs-dir runs/exp/en_s0 runs/exp/en_s1 \
+        --against runs/exp/plain_s0 runs/exp/plain_s1 --search 5,0.5,3 --against-search 5,0,0
 
 ensemble: packs of one language with the same tokenizer (trained with other
 settings or seeds), each alone and all together: one beam search over their
@@ -71,16 +75,17 @@ def compare(args) -> None:
     from toolkit.evaluate import paired_bootstrap
     from toolkit.pack import REFERENCES_FILE, find_pack
 
-    a = _evaluate(args.packs_dir, args.lang, args, _search(args.search), 0)
-    b = _evaluate(args.against, args.lang, args, _search(args.against_search), 0)
-    refs_all = group_by_image(read_captions(find_pack(args.packs_dir, args.lang) / REFERENCES_FILE).captions)
-    refs = {n: refs_all[n] for n in a["captions"]}
-    pb = paired_bootstrap(a["captions"], b["captions"], refs, args.lang, n=args.bootstrap)
+    sides = [[_evaluate(d, args.lang, args, _search(args.search), 0) for d in args.packs_dir],
+             [_evaluate(d, args.lang, args, _search(args.against_search), 0) for d in args.against]]
+    refs_all = group_by_image(read_captions(find_pack(args.packs_dir[0], args.lang) / REFERENCES_FILE).captions)
+    refs = {n: refs_all[n] for n in sides[0][0]["captions"]}
+    pb = paired_bootstrap(*([r["captions"] for r in side] for side in sides), refs, args.lang, n=args.bootstrap)
+    for name, dirs, search, side, score, ci in (("a", args.packs_dir, args.search, sides[0], pb["bleu4_a"], pb["ci_a"]),
+                                                ("b", args.against, args.against_search, sides[1], pb["bleu4_b"], pb["ci_b"])):
+        runs = ", ".join(f"{d} ({r['bleu4']:.1f})" for d, r in zip(dirs, side)) if len(side) > 1 else str(dirs[0])
+        print(f"{args.lang}: {name} = {runs} ({search}): BLEU-1 {np.mean([r['bleu1'] for r in side]):.1f} "
+              f"BLEU-4 {score:.1f} ({ci[0]:.1f}-{ci[1]:.1f}), repeats {100 * np.mean([r['repetition'] for r in side]):.1f}%")
     lo, hi = pb["delta_ci"]
-    print(f"{args.lang}: a = {args.packs_dir} ({args.search}): BLEU-1 {a['bleu1']:.1f} BLEU-4 {pb['bleu4_a']:.1f} "
-          f"({pb['ci_a'][0]:.1f}-{pb['ci_a'][1]:.1f}), repeats {100 * a['repetition']:.1f}%")
-    print(f"{args.lang}: b = {args.against} ({args.against_search}): BLEU-1 {b['bleu1']:.1f} BLEU-4 {pb['bleu4_b']:.1f} "
-          f"({pb['ci_b'][0]:.1f}-{pb['ci_b'][1]:.1f}), repeats {100 * b['repetition']:.1f}%")
     print(f"{args.lang}: a - b BLEU-4 {pb['bleu4_a'] - pb['bleu4_b']:+.1f} (95% CI {lo:+.1f} to {hi:+.1f}); "
           f"a better in {100 * pb['p_a_better']:.1f}% of {pb['n']} paired resamples of {pb['n_images']} images")
 
@@ -146,7 +151,7 @@ def main() -> None:
     for name in ("sweep", "compare", "ensemble"):
         p = sub.add_parser(name)
         p.add_argument("--lang", required=True)
-        p.add_argument("--packs-dir", type=Path, required=True)
+        p.add_argument("--packs-dir", type=Path, required=True, nargs="+" if name == "compare" else None)
         p.add_argument("--images", type=Path, default=DATA / "Images")
         p.add_argument("--split", type=Path, default=DATA / "Flickr_8k.devImages.txt")
         p.add_argument("--bootstrap", type=int, default=1000 if name == "compare" else 0)
@@ -157,7 +162,7 @@ def main() -> None:
     s.add_argument("--json", type=Path, help="append each row's scores here")
     c = sub.choices["compare"]
     c.add_argument("--search", default="3,0,0", help="beam,length_penalty,no_repeat_ngram of a")
-    c.add_argument("--against", type=Path, required=True, help="packs dir of b")
+    c.add_argument("--against", type=Path, required=True, nargs="+", help="packs dir(s) of b")
     c.add_argument("--against-search", default="3,0,0", help="beam,length_penalty,no_repeat_ngram of b")
     e = sub.choices["ensemble"]
     e.add_argument("--with", dest="members", type=Path, action="append", required=True, help="packs dir of another member")

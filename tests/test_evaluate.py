@@ -186,6 +186,24 @@ def test_paired_bootstrap_prefers_the_better_system():
         paired_bootstrap(good, {"0.jpg": "a dog"}, refs, "en")
 
 
+def test_paired_bootstrap_averages_the_runs_of_a_side():
+    hyps, refs = _random_corpus(5, n_images=50)
+    other, _ = _random_corpus(6, n_images=50)
+    good = {k: v[0] for k, v in refs.items()}
+    one = paired_bootstrap(good, hyps, refs, "en", n=200, seed=2)
+    # The same run twice is that run.
+    assert paired_bootstrap([good, good], [hyps], refs, "en", n=200, seed=2) == dict(one, runs_a=2)
+    two = paired_bootstrap([good, other], [hyps, hyps], refs, "en", n=200, seed=2)
+    alone = paired_bootstrap(other, hyps, refs, "en", n=200, seed=2)
+    assert two["bleu4_a"] == pytest.approx((one["bleu4_a"] + alone["bleu4_a"]) / 2)
+    assert two["bleu4_b"] == pytest.approx(one["bleu4_b"])
+    assert (two["runs_a"], two["runs_b"]) == (2, 2)
+    with pytest.raises(CapkitError, match="different images"):
+        paired_bootstrap([good, {"0.jpg": "a dog"}], hyps, refs, "en")
+    with pytest.raises(CapkitError, match="at least one"):
+        paired_bootstrap([], hyps, refs, "en")
+
+
 # --- errors -----------------------------------------------------------------
 
 

@@ -170,3 +170,21 @@ def test_recipe_ensemble_averages_the_members_probabilities():
     pa, _ = a.step(np.full(len(feats), BOS), a.initial_state(feats))
     pb, _ = b.step(np.full(len(feats), BOS), b.initial_state(feats))
     np.testing.assert_allclose(np.exp(logp), (np.exp(pa) + np.exp(pb)) / 2, rtol=1e-5)
+
+
+def test_recipe_compare_scores_a_side_of_several_runs_by_their_mean(tiny_packs, tiny_dataset, capsys):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "scripts" / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = argparse.Namespace(lang="en", packs_dir=[tiny_packs, tiny_packs], against=[tiny_packs],
+                              search="3,0,0", against_search="3,0,0", images=tiny_dataset["images"],
+                              split=tiny_dataset["dev"], bootstrap=50)
+    recipe.compare(args)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"en: a = {tiny_packs} (") and out[0].count(str(tiny_packs)) == 2
+    assert out[1].startswith(f"en: b = {tiny_packs} (3,0,0)")
+    # The same pack twice, under the same search, is that pack: no difference on any resample.
+    assert out[2].startswith("en: a - b BLEU-4 +0.0 (95% CI +0.0 to +0.0); a better in 0.0% of 50")

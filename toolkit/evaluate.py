@@ -30,7 +30,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as _dist_version
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -274,8 +274,8 @@ def corpus_bleu_scores(
 
 
 def paired_bootstrap(
-    hyps_a: Mapping[str, str],
-    hyps_b: Mapping[str, str],
+    hyps_a: Mapping[str, str] | Sequence[Mapping[str, str]],
+    hyps_b: Mapping[str, str] | Sequence[Mapping[str, str]],
     references: Mapping[str, Sequence[str]],
     lang: str,
     n: int = 1000,
@@ -284,31 +284,46 @@ def paired_bootstrap(
     """Is system a really better than b? Both are scored on the same n
     resamples of the images (paired), so image difficulty cancels out.
 
+    Either side may be several runs of one system (trained with other
+    seeds): its score is then the runs' mean BLEU-4, on the full sample and
+    on each resample, so the interval is the images' and the seeds' luck
+    averages out.
+
     Returns {"bleu4_a", "bleu4_b", "ci_a", "ci_b", "delta_ci" (a - b),
-    "p_a_better" (share of resamples where a's BLEU-4 is higher), "n", "n_images"}.
+    "p_a_better" (share of resamples where a's BLEU-4 is higher), "n",
+    "n_images", "runs_a", "runs_b"}.
     """
-    if set(hyps_a) != set(hyps_b):
-        only = sorted(set(hyps_a) ^ set(hyps_b))
-        raise CapkitError(
-            f"the two systems captioned different images ({len(only)} differ: {', '.join(only[:5])})",
-            hint="compare systems on the same images",
-        )
+    sides = [[h] if isinstance(h, Mapping) else list(h) for h in (hyps_a, hyps_b)]
+    if not sides[0] or not sides[1]:
+        raise CapkitError("each side of a comparison needs at least one system's captions")
+    runs = sides[0] + sides[1]
+    for hyps in runs[1:]:
+        if set(hyps) != set(runs[0]):
+            only = sorted(set(hyps) ^ set(runs[0]))
+            raise CapkitError(
+                f"the systems captioned different images ({len(only)} differ: {', '.join(only[:5])})",
+                hint="compare systems on the same images",
+            )
     stats = []
-    for hyps in (hyps_a, hyps_b):
+    for hyps in runs:
         _, h, r = _prepare(hyps, references, lang)
         stats.append(np.array([_image_stats(x, y) for x, y in zip(h, r)], dtype=np.int64))
-    a, b = _bootstrap_scores(stats[0], n, seed, others=[stats[1]])
     b4 = SCORE_NAMES.index("bleu4")
-    full_a, full_b = (_scores_from_sums(s.sum(axis=0))[0][b4] for s in stats)
+    k = len(sides[0])
+    resampled = [s[:, b4] for s in _bootstrap_scores(stats[0], n, seed, others=stats[1:])]
+    a, b = np.mean(resampled[:k], axis=0), np.mean(resampled[k:], axis=0)
+    full = [_scores_from_sums(s.sum(axis=0))[0][b4] for s in stats]
     return {
-        "bleu4_a": float(full_a),
-        "bleu4_b": float(full_b),
-        "ci_a": _interval(a[:, b4]),
-        "ci_b": _interval(b[:, b4]),
-        "delta_ci": _interval(a[:, b4] - b[:, b4]),
-        "p_a_better": float(np.mean(a[:, b4] > b[:, b4])),
+        "bleu4_a": float(np.mean(full[:k])),
+        "bleu4_b": float(np.mean(full[k:])),
+        "ci_a": _interval(a),
+        "ci_b": _interval(b),
+        "delta_ci": _interval(a - b),
+        "p_a_better": float(np.mean(a > b)),
         "n": n,
         "n_images": len(stats[0]),
+        "runs_a": k,
+        "runs_b": len(runs) - k,
     }
 
 
