@@ -169,7 +169,7 @@ def build_pack(
     pack_version: str = typer.Option("1.0.0", "--pack-version"),
     seed: int = typer.Option(TrainConfig.seed, "--seed"),
     strategy: str = typer.Option("default", "--strategy",
-                                 help="Training devices: default (one), mirrored (all local GPUs), multiworker (TF_CONFIG)."),
+                                 help="Training devices: default (one) or mirrored (every GPU of this machine)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
     from toolkit.config import DECODER_ARCHITECTURES, LR_SCHEDULES, TOKENIZER_MODELS

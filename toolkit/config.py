@@ -79,7 +79,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # share of each target's probability spread over the whole vocabulary
     patience: int = 3           # epochs without dev-loss improvement before stopping
     seed: int = 0               # shuffling and initialisation
-    strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs), multiworker (TF_CONFIG)
+    strategy: str = "default"   # tf.distribute: default (one device) or mirrored (all local GPUs)
 
 
 @dataclass

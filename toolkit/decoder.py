@@ -41,7 +41,11 @@ import keras  # noqa: E402
 CHECKPOINT_STATE_FILE = "state.json"
 CHECKPOINT_LAST_FILE = "last.weights.h5"
 CHECKPOINT_BEST_FILE = "best.weights.h5"
-STRATEGIES = ("default", "mirrored", "multiworker")
+STRATEGIES = ("default", "mirrored")
+# Keras 3 cannot fit under MultiWorkerMirroredStrategy (keras-team/keras#20585): it reduces the first
+# distributed batch and every step's logs in ways that strategy rejects. Tried on TF 2.21 / Keras 3.15.
+UNSUPPORTED_STRATEGIES = {"multiworker": "Keras 3 cannot train under tf.distribute's MultiWorkerMirroredStrategy "
+                                         "(keras-team/keras#20585)"}
 MIXED_PRECISION_POLICY = "mixed_float16"  # on a GPU; logits and loss stay float32
 
 
@@ -317,8 +321,7 @@ class Sequences:
         return self.image_index.astype(np.int32), inp, tgt
 
 
-def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int,
-             shard_by_data: bool = False):
+def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int):
     idx, inp, tgt = seqs.arrays(cfg.max_length)
     if isinstance(features, np.ndarray):
         feats = tf.constant(features, tf.float32)
@@ -341,12 +344,7 @@ def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: i
         t = tf.reduce_max(tf.reduce_sum(tf.cast(x != PAD_ID, tf.int32), axis=1))
         return (gather(i), x[:, :t]), y[:, :t]
 
-    ds = ds.batch(batch).map(assemble, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
-    if shard_by_data:  # in-memory data has no files to shard by: each worker takes its share of every batch
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        ds = ds.with_options(options)
-    return ds
+    return ds.batch(batch).map(assemble, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
 def _adapt_data(features):
@@ -364,18 +362,18 @@ def distribution_strategy(name: str = "default"):
     """The `tf.distribute` strategy `name` selects, created once per process.
 
     "mirrored": every local GPU, else every logical CPU device (one on a plain
-    machine; tests split the CPU in two); "multiworker": the cluster in
-    `TF_CONFIG`. TensorFlow wants collective strategies created before any
-    other op runs, so `build_pack` calls this before extracting features.
+    machine; tests split the CPU in two). `build_pack` calls this before
+    extracting features, so a bad name fails before any work.
     """
+    if name in UNSUPPORTED_STRATEGIES:
+        raise CapkitError(f"strategy {name!r} is not available: {UNSUPPORTED_STRATEGIES[name]}",
+                          hint=f"use one of {', '.join(STRATEGIES)}; mirrored trains on every GPU of one machine")
     if name not in STRATEGIES:
         raise CapkitError(f"unknown strategy {name!r}", hint=f"use one of {', '.join(STRATEGIES)}")
     if name not in _strategies:
         if name == "mirrored":
             devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
             _strategies[name] = tf.distribute.MirroredStrategy([d.name for d in devices])
-        elif name == "multiworker":
-            _strategies[name] = tf.distribute.MultiWorkerMirroredStrategy()
         else:
             _strategies[name] = tf.distribute.get_strategy()
     return _strategies[name]
@@ -384,14 +382,6 @@ def distribution_strategy(name: str = "default"):
 def _mixed_precision_wanted() -> bool:
     """float16 pays on GPUs (tensor cores); on CPUs it is slower, so only there."""
     return bool(tf.config.list_physical_devices("GPU"))
-
-
-def _is_chief(strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
-                                             and "chief" not in resolver.cluster_spec().as_dict())
 
 
 class _Checkpoints(keras.callbacks.Callback):
@@ -499,8 +489,6 @@ def train_decoder(
     """
     checkpoint_dir = Path(checkpoint_dir)
     strategy = distribution_strategy(train_config.strategy)
-    if not _is_chief(strategy):  # every worker saves (collectively), only the chief into the real folder
-        checkpoint_dir = checkpoint_dir / f".worker-{strategy.cluster_resolver.task_id}"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_config.seed)
     mixed = _mixed_precision_wanted()
@@ -531,10 +519,9 @@ def train_decoder(
             model.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
     done = state["epoch"] >= train_config.epochs or state["wait"] >= train_config.patience
     if not done:
-        shard = train_config.strategy == "multiworker"
         model.fit(
-            _dataset(train_features, train, config, train_config.batch_size, True, train_config.seed, shard),
-            validation_data=_dataset(dev_features, dev, config, 256, False, 0, shard) if len(dev.tokens) else None,
+            _dataset(train_features, train, config, train_config.batch_size, True, train_config.seed),
+            validation_data=_dataset(dev_features, dev, config, 256, False, 0) if len(dev.tokens) else None,
             epochs=train_config.epochs,
             initial_epoch=state["epoch"],
             callbacks=[_Checkpoints(checkpoint_dir, state, train_config, progress)],

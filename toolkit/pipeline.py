@@ -111,7 +111,7 @@ def build_pack(
 
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
     dec_cfg.tokenizer = resolve_tokenizer(dec_cfg.tokenizer, lang)  # the manifest names the model really trained
-    distribution_strategy(tr_cfg.strategy)  # checks the name; collective strategies must exist before TF runs an op
+    distribution_strategy(tr_cfg.strategy)  # a strategy capkit cannot train under fails now, before any work
     grid = dec_cfg.architecture == "attention"
     packs_dir = Path(packs_dir)
     images_dir = Path(images_dir)
