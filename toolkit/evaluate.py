@@ -28,9 +28,9 @@ import math
 import unicodedata
 import warnings
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as _dist_version
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 
