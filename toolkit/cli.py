@@ -414,6 +414,7 @@ def encode(
     image_size: int = typer.Option(299, "--image-size"),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_pixels: int = typer.Option(100_000_000, "--max-pixels"),
+    grid: bool = typer.Option(False, "--grid", help="Cache the spatial feature maps too, as attention packs need."),
     packs_dir: Optional[Path] = PacksDir,
 ):
     """Run feature extraction alone (into the shared cache) and report images/s."""
@@ -428,7 +429,8 @@ def encode(
         raise CapkitError(f"no images found in {', '.join(map(str, images))}")
     progress = _Progress()
     enc = Encoder.prepare(_encoder_config(encoder_weights, image_size, batch_size), _packs_dir(packs_dir))
-    ex = enc.extract(paths, progress=lambda d, t: progress("progress", stage="encode", done=d, total=t), max_pixels=max_pixels)
+    ex = enc.extract(paths, progress=lambda d, t: progress("progress", stage="encode", done=d, total=t), max_pixels=max_pixels,
+                     grid=grid)
     progress._close()
     typer.echo(f"encoder {enc.id}: {ex.n_extracted} images extracted in {ex.seconds:.1f}s "
                f"({ex.images_per_second:.1f} images/s), {ex.n_cached} from cache, {len(ex.failures)} skipped")
