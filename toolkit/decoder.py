@@ -321,7 +321,13 @@ class Sequences:
         return self.image_index.astype(np.int32), inp, tgt
 
 
-def _dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int):
+def batches_by_image(config: DecoderConfig) -> bool:
+    """Whether training batches gather all captions of an image, so its per-image work runs once per batch."""
+    return False
+
+
+def training_dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int):
+    """Batches ((features, inputs), targets) of `seqs`, padded to the batch's longest caption."""
     idx, inp, tgt = seqs.arrays(cfg.max_length)
     if isinstance(features, np.ndarray):
         feats = tf.constant(features, tf.float32)
@@ -465,6 +471,28 @@ def _save_weights(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def training_model(config: DecoderConfig, train_config: TrainConfig, train_features, learning_rate: float | None = None):
+    """A new decoder, its normalisation adapted to `train_features`, compiled with the training loss and optimizer.
+
+    Call under the strategy's scope; in mixed precision where a GPU is present.
+    """
+    policy = keras.config.dtype_policy()
+    if _mixed_precision_wanted():  # layers take the policy when built; the float32 head keeps logits and loss in float32
+        keras.config.set_dtype_policy(MIXED_PRECISION_POLICY)
+    try:
+        model = decoder_class(config)(config)
+        model.norm.adapt(_adapt_data(train_features))  # train-split statistics, stored with the weights
+        model.build_all(config.feature_dim)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    lr = train_config.learning_rate if learning_rate is None else learning_rate
+    model.compile(  # under mixed_float16 Keras wraps Adam in a LossScaleOptimizer
+        optimizer=keras.optimizers.Adam(lr, clipnorm=train_config.clipnorm or None),
+        loss=CaptionLoss(train_config.label_smoothing),
+    )
+    return model
+
+
 def train_decoder(
     train_features: np.ndarray,
     train: Sequences,
@@ -492,27 +520,14 @@ def train_decoder(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_config.seed)
     mixed = _mixed_precision_wanted()
-    policy = keras.config.dtype_policy()
+    state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
+    state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
+             "lr": train_config.learning_rate, "history": []}
+    resume = state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists()
+    if resume:
+        state = json.loads(state_path.read_text())
     with strategy.scope():
-        if mixed:  # layers take the policy when built; the float32 head keeps logits and loss in float32
-            keras.config.set_dtype_policy(MIXED_PRECISION_POLICY)
-        try:
-            model = decoder_class(config)(config)
-            model.norm.adapt(_adapt_data(train_features))  # train-split statistics, stored with the weights
-            model.build_all(config.feature_dim)
-        finally:
-            keras.config.set_dtype_policy(policy)
-
-        state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
-        state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
-                 "lr": train_config.learning_rate, "history": []}
-        resume = state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists()
-        if resume:
-            state = json.loads(state_path.read_text())
-        model.compile(  # under mixed_float16 Keras wraps Adam in a LossScaleOptimizer
-            optimizer=keras.optimizers.Adam(state["lr"], clipnorm=train_config.clipnorm or None),
-            loss=CaptionLoss(train_config.label_smoothing),
-        )
+        model = training_model(config, train_config, train_features, state["lr"])
         if resume:
             # Build the optimizer first so the checkpoint restores Adam's moments too.
             model.optimizer.build(model.trainable_variables)
@@ -520,8 +535,8 @@ def train_decoder(
     done = state["epoch"] >= train_config.epochs or state["wait"] >= train_config.patience
     if not done:
         model.fit(
-            _dataset(train_features, train, config, train_config.batch_size, True, train_config.seed),
-            validation_data=_dataset(dev_features, dev, config, 256, False, 0) if len(dev.tokens) else None,
+            training_dataset(train_features, train, config, train_config.batch_size, True, train_config.seed),
+            validation_data=training_dataset(dev_features, dev, config, 256, False, 0) if len(dev.tokens) else None,
             epochs=train_config.epochs,
             initial_epoch=state["epoch"],
             callbacks=[_Checkpoints(checkpoint_dir, state, train_config, progress)],
