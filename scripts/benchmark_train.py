@@ -41,13 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _fullsplit import full_split  # noqa: E402
 DECODER_NAMES = ("lstm", "attention", "merge")
 COCO_IMAGES, CAPTIONS_PER_IMAGE = 120_000, 5
-
-
-def _shared_flickr8k() -> Path:
-    env = os.environ.get("CAPKIT_SHARED_DATA")
-    return (Path(env) if env else ROOT.parent / "shared" / "data") / "flickr8k"
 
 
 def _peak_mb() -> float:
@@ -121,46 +117,6 @@ def batch_shapes(seqs, batch: int, max_length: int, by_image: bool, seed: int = 
 # -- one decoder on the real features -----------------------------------------------------------------------------
 
 
-def _full_split(packs_dir: Path, grid: bool):
-    """(train features, train Sequences, dev features, dev Sequences, tokenizer) as a default en build has them."""
-    import numpy as np
-
-    from toolkit.data import group_by_image, read_captions, read_split
-    from toolkit.encoder import ENCODERS_DIR, Encoder
-    from toolkit.pipeline import IN_MEMORY_FEATURES_BYTES
-    from toolkit.config import DecoderConfig, resolve_tokenizer
-    from toolkit.decoder import Sequences
-    from toolkit.tokenizer import train_tokenizer
-
-    data = _shared_flickr8k()
-    images = data / "Images224"
-    ids = [p.name for p in (packs_dir / ENCODERS_DIR).iterdir() if p.is_dir()]
-    if len(ids) != 1:
-        sys.exit(f"{packs_dir / ENCODERS_DIR}: expected one encoder, found {ids}")
-    enc = Encoder.load(packs_dir, ids[0])
-    texts = group_by_image(read_captions(data / "Flickr8k.token.txt").captions)
-    out = []
-    tok = None
-    for split in ("train", "dev"):
-        names = [n for n in read_split(data / f"Flickr_8k.{split}Images.txt") if n in texts and (images / n).is_file()]
-        ex = enc.extract([images / n for n in names], grid=grid)
-        if ex.n_extracted:
-            print(f"warning: {ex.n_extracted} {split} images were not cached and were extracted now", file=sys.stderr)
-        keys = [ex.keys[str(images / n)] for n in names]
-        if tok is None:
-            cfg = DecoderConfig()
-            tok = train_tokenizer([t for n in names for t in texts[n]], "en", cfg.vocab_size, resolve_tokenizer("auto", "en"))
-        idx, toks = [], []
-        for i, n in enumerate(names):
-            enc_ids = tok.encode(texts[n])
-            idx += [i] * len(enc_ids)
-            toks += enc_ids
-        view = enc.features_view(keys, grid=grid)
-        feats = view if view.nbytes > IN_MEMORY_FEATURES_BYTES else view[np.arange(len(view))]
-        out += [feats, Sequences(np.array(idx, np.int32), toks)]
-    return (*out, tok, enc.grid_size**2)
-
-
 def _time_fit(model, ds, warmup: int, steps: int) -> float:
     import keras
 
@@ -180,7 +136,7 @@ def measure_decoder(name: str, packs_dir: Path, steps: int, warmup: int) -> dict
 
     grid = name == "attention"
     t0 = time.perf_counter()
-    train_f, train_s, _, _, tok, cells = _full_split(packs_dir, grid)
+    train_f, train_s, _, _, tok, cells, _, _ = full_split(packs_dir, "en", grid)
     load_s = time.perf_counter() - t0
     cfg = DecoderConfig(architecture=name, vocab_size=tok.vocab_size)
     tr = TrainConfig()

@@ -163,6 +163,8 @@ def build_pack(
     attention_reg: float = typer.Option(DecoderConfig.attention_reg, "--attention-reg",
                                         help="attention only: weight of the penalty spreading attention over every grid cell."),
     patience: int = typer.Option(TrainConfig.patience, "--patience", help="Epochs without dev improvement before stopping."),
+    min_delta: float = typer.Option(TrainConfig.min_delta, "--min-delta",
+                                    help="Smallest dev-loss fall that counts as an improvement."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
     length_penalty: float = LengthPenaltyOption(),
     no_repeat_ngram: int = NoRepeatOption(),
@@ -194,6 +196,8 @@ def build_pack(
         raise CapkitError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
     if not clipnorm >= 0:
         raise CapkitError(f"--clipnorm must be 0 or more, not {clipnorm}")
+    if not min_delta >= 0:
+        raise CapkitError(f"--min-delta must be 0 or more, not {min_delta}")
     if not attention_reg >= 0:
         raise CapkitError(f"--attention-reg must be 0 or more, not {attention_reg}")
     if not 0 <= label_smoothing < 1:
@@ -219,7 +223,7 @@ def build_pack(
                                      dropout=dropout, attention_reg=attention_reg, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
-                                 patience=patience, seed=seed, strategy=strategy),
+                                 patience=patience, min_delta=min_delta, seed=seed, strategy=strategy),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
     m = result.manifest

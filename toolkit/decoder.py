@@ -440,6 +440,7 @@ class _Checkpoints(keras.callbacks.Callback):
         super().__init__()
         self.folder, self.state, self.progress = folder, state, progress
         self.patience, self.schedule = train_config.patience, train_config.lr_schedule
+        self.min_delta = train_config.min_delta
         self.base_lr, self.epochs = train_config.learning_rate, train_config.epochs
 
     def on_epoch_end(self, epoch, logs=None):
@@ -451,14 +452,16 @@ class _Checkpoints(keras.callbacks.Callback):
         s["history"].append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_loss": val,
                              "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
                              "seconds": time.perf_counter() - s.pop("_t0", time.perf_counter())})
-        if val < s["best_val_loss"]:
-            s.update(best_val_loss=val, best_epoch=epoch + 1, wait=0)
-            _save_weights(self.model, self.folder / CHECKPOINT_BEST_FILE)
-        else:
+        if val < s["best_val_loss"] - self.min_delta:
+            s["wait"] = 0
+        else:  # no gain worth an epoch: count towards stopping
             s["wait"] += 1
             if self.schedule == "plateau":  # halve the learning rate when dev loss stalls
                 lr = self.model.optimizer.learning_rate
                 lr.assign(lr * 0.5)
+        if val < s["best_val_loss"]:
+            s.update(best_val_loss=val, best_epoch=epoch + 1)
+            _save_weights(self.model, self.folder / CHECKPOINT_BEST_FILE)
         s["epoch"] = epoch + 1
         s["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         _save_weights(self.model, self.folder / CHECKPOINT_LAST_FILE)
