@@ -390,3 +390,12 @@ def test_build_pack_without_data_or_captions_is_one_error(tmp_path, monkeypatch,
                             "--packs-dir", tmp_path, *SMALL)
     assert code == 2
     one_error(err, "give both --train-split and --dev-split")
+
+
+@pytest.mark.realdata
+def test_real_flickr8k_folder_and_the_shipped_lists(shared_data):
+    root = shared_data / "flickr8k"
+    found = find_data(root)
+    assert found.captions == root / "Flickr8k.token.txt" and found.image_dirs[0] == root / "Images"
+    assert found.split_files == {k: root / f"Flickr_8k.{k}Images.txt" for k in ("train", "dev", "test")}
+    assert official_splits() == {k: read_split(p) for k, p in found.split_files.items()}  # the copy is exact

@@ -176,7 +176,7 @@ def plan_data(
             outside = sum(n not in listed for n in captioned)
             notes.append(
                 f"split: no split files; the photos are Flickr8k's ({len(captioned) - outside} of {len(captioned)} "
-                f"captioned images in its official lists), so the official split shipped with capkit: "
+                f"captioned images in its official lists), so the official split shipped with capkit ({OFFICIAL_SPLITS_DIR}): "
                 f"{', '.join(f'{len(v)} {k}' for k, v in official.items())}"
                 + (f" ({outside} captioned images are in no list and not used)" if outside else "")
             )
