@@ -105,6 +105,14 @@ def test_original_layout_is_found_with_its_split_files(tmp_path, tiny_dataset):
     assert found.split_files == {k: text / f"Flickr_8k.{k}Images.txt" for k in ("train", "dev", "test")}
 
 
+def test_photos_two_levels_down_are_found(tmp_path, tiny_dataset):
+    root = original(tmp_path / "dl", tiny_dataset)
+    (root / "Flickr8k_Dataset").mkdir()
+    (root / "Flicker8k_Dataset").rename(root / "Flickr8k_Dataset" / "Flicker8k_Dataset")  # as some mirrors nest it
+    assert find_data(root).image_dirs == [root / "Flickr8k_Dataset" / "Flicker8k_Dataset"]
+    assert plan_data(data=root, packs_dir=tmp_path / "p").images == root / "Flickr8k_Dataset" / "Flicker8k_Dataset"
+
+
 def test_flat_folder_is_found(tmp_path, tiny_dataset):
     root = flat(tmp_path / "mine", tiny_dataset)
     found = find_data(root)
@@ -195,6 +203,11 @@ def test_explicit_flags_win_over_what_data_finds(tmp_path, tiny_dataset):
                      split_files={"train": tiny_dataset["dev"], "dev": tiny_dataset["test"]}, packs_dir=tmp_path / "p")
     assert (plan.captions, plan.images) == (other, tiny_dataset["images"])
     assert plan.split_files == {"train": tiny_dataset["dev"], "dev": tiny_dataset["test"]}
+    # A folder whose caption files no name tells apart is fine once --captions says which.
+    mine = flat(tmp_path / "mine", tiny_dataset)
+    shutil.copy(mine / "my_captions.txt", mine / "more_captions.txt")
+    chosen = plan_data(data=mine, captions=mine / "more_captions.txt", packs_dir=tmp_path / "p")
+    assert chosen.captions == mine / "more_captions.txt" and chosen.split_files["dev"] == mine / "dev.txt"
     ratios = plan_data(data=root, ratios=(0.5, 0.5, 0.0), packs_dir=tmp_path / "p")
     assert ratios.split["method"] == "by-photo"  # over the split files the folder holds
 

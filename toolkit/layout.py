@@ -49,8 +49,7 @@ class DataLayout:
     root: Path                   # the folder searched
     layout: str                  # "kaggle" | "original" | "flat"
     captions: Path | None        # the caption file
-    images: Path | None          # the folder of photos (chosen later, by `plan_data`, when None)
-    image_dirs: list[Path]       # every folder that may hold the photos, known names first
+    image_dirs: list[Path]       # every folder holding images, known names first; `plan_data` picks one
     split_files: dict[str, Path] = field(default_factory=dict)  # "train"/"dev"/"test" -> split file
 
 
@@ -66,26 +65,32 @@ class DataPlan:
     notes: list[str]             # one line per decision, for the user
 
 
-def find_data(root: str | Path) -> DataLayout:
-    """Find the caption file, the photo folders and the split files in `root` (and one level down).
+def find_data(root: str | Path, captions: Path | None = None) -> DataLayout:
+    """Find the caption file and split files in `root` or one level down, and the photo folders (two levels).
 
     ``~/flickr8k`` holding ``captions.txt`` and ``Images/`` ->
-    ``DataLayout(layout="kaggle", captions=~/flickr8k/captions.txt, images=~/flickr8k/Images, split_files={})``
+    ``DataLayout(layout="kaggle", captions=~/flickr8k/captions.txt, image_dirs=[~/flickr8k/Images], split_files={})``
 
-    Raises CapkitError when `root` is not a folder, holds no caption file,
-    or holds several that no known name tells apart.
+    `captions` (a file the user named) is not searched for; split files are
+    then looked for in `root` and its ``Flickr8k_text/``. Raises CapkitError
+    when `root` is not a folder, or `captions` is None and `root` holds no
+    caption file, or several that no known name tells apart.
     """
     root = Path(root)
     if not root.is_dir():
         raise CapkitError(f"{root}: not a folder", hint="--data takes the folder of a download: captions, photos and maybe split files")
     folders = [root, *_subfolders(root)]
-    captions = _find_captions(root, folders)
-    image_dirs = [d for d in folders if d.name in IMAGE_DIR_NAMES]
+    searched = captions is None
+    captions = _find_captions(root, folders) if searched else Path(captions)
+    # Photos may be one level deeper (Flickr8k_Dataset/Flicker8k_Dataset/ in some mirrors).
+    deeper = [*folders, *(d for f in folders[1:] for d in _subfolders(f))]
+    image_dirs = [d for d in deeper if d.name in IMAGE_DIR_NAMES and _has_images(d)]
     image_dirs.sort(key=lambda d: IMAGE_DIR_NAMES.index(d.name))
-    image_dirs += [d for d in folders if d not in image_dirs and _has_images(d)]
+    image_dirs += [d for d in deeper if d not in image_dirs and _has_images(d)]
     # Split files sit beside the caption file (Flickr8k_text/) or at the top.
     split_files: dict[str, Path] = {}
-    for folder in dict.fromkeys([captions.parent, root]):
+    near = [captions.parent, root] if searched else [root, *(f for f in folders if f.name in TEXT_DIR_NAMES)]
+    for folder in dict.fromkeys(near):
         found = _split_files_in(folder, exclude=captions)
         if found:
             split_files = {k: found[k] for k in SPLITS if k in found}
@@ -97,7 +102,7 @@ def find_data(root: str | Path) -> DataLayout:
         layout = "original"
     else:
         layout = "flat"
-    return DataLayout(root, layout, captions, None, image_dirs, split_files)
+    return DataLayout(root, layout, captions, image_dirs, split_files)
 
 
 def plan_data(
@@ -129,7 +134,7 @@ def plan_data(
     notes: list[str] = []
     found = None
     if data is not None:
-        found = find_data(data)
+        found = find_data(data, Path(captions) if captions is not None else None)
         what = {"kaggle": "the Kaggle layout", "original": "the original Flickr8k layout", "flat": "a flat folder"}
         notes.append(f"data: {found.root}, {what[found.layout]}")
     elif captions is None or images is None:
