@@ -102,6 +102,22 @@ def _encoder_config(weights: str, image_size: int, batch_size: int):
     return EncoderConfig(weights=weights, image_size=image_size, batch_size=batch_size)
 
 
+def EncoderWeightsOption():
+    return typer.Option(None, "--encoder-weights",
+                        help="imagenet (a download), none (random, tests only), a .weights.h5 path, or the id of an encoder "
+                        "in the packs dir. Default: the packs dir's encoder when it holds one, else imagenet.")
+
+
+def _choose_encoder(weights: str | None, image_size: int | None, packs_dir: Path) -> tuple[str, int]:
+    """--encoder-weights and --image-size as given, or the packs dir's registered encoder (said on stderr)."""
+    from toolkit.encoder import choose_encoder
+
+    choice = choose_encoder(packs_dir, weights, image_size)
+    if choice.note:
+        typer.echo(choice.note, err=True)
+    return choice.weights, choice.image_size
+
+
 def _search_options(beam: int, length_penalty: float, no_repeat_ngram: int) -> dict:
     """The search flags, checked."""
     _at_least("--beam", beam, 1)
@@ -128,18 +144,25 @@ def NoRepeatOption():
 @app.command("build-pack")
 def build_pack(
     lang: str = typer.Argument(..., help="Target language, ISO 639-1 (en, zh, ar, tr, ...)."),
-    captions: Path = typer.Option(..., "--captions", help="Caption file: Flickr8k.token.txt, Flickr8k-CN layout or Kaggle captions.txt."),
-    images: Path = typer.Option(..., "--images", help="Folder of the photos."),
-    splits: Optional[Path] = typer.Option(None, "--splits", help="Folder with *train*, *dev* (and *test*) split files."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of a download: finds its captions, photos and "
+                                        "splits (Kaggle's captions.txt + Images/, Flickr8k_text/ + Flicker8k_Dataset/, "
+                                        "or one flat folder). The flags below win over what it finds."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Caption file: Flickr8k.token.txt, Flickr8k-CN layout or Kaggle captions.txt."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of the photos."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Folder with *train*, *dev* (and *test*) split files. "
+                                          "Without split files: Flickr8k's official split for its photos, else a split by photo."),
     train_split: Optional[Path] = typer.Option(None, "--train-split"),
     dev_split: Optional[Path] = typer.Option(None, "--dev-split"),
     test_split: Optional[Path] = typer.Option(None, "--test-split"),
+    split_ratios: Optional[str] = typer.Option(None, "--split-ratios", help="Make a split by photo with these train/dev/test "
+                                               "shares (default for data without split files: 90/5/5)."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of a split made by photo."),
     source_lang: str = typer.Option("en", "--source-lang", help="Language of --captions; equal to LANG means no translation."),
     translator: str = typer.Option("google", "--translator", help="google, mymemory, libre, deepl, microsoft, identity or file:PATH."),
     translator_url: Optional[str] = typer.Option(None, "--translator-url", help="Server of the libre back end."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Translator key (or its environment variable); never stored."),
-    encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="imagenet, none (random, tests only) or a .weights.h5 path."),
-    image_size: int = typer.Option(299, "--image-size", help="Encoder input side (Xception: 299; at least 71)."),
+    encoder_weights: Optional[str] = EncoderWeightsOption(),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Encoder input side (Xception: 299; at least 71)."),
     packs_dir: Optional[Path] = PacksDir,
     decoder: str = typer.Option(DecoderConfig.architecture, "--decoder",
                                 help="lstm (the image sets the LSTM's first state), attention (the LSTM looks over "
@@ -185,7 +208,7 @@ def build_pack(
     if epochs < 1:
         raise CapkitError(f"--epochs must be at least 1, not {epochs}")
     search = _search_options(beam, length_penalty, no_repeat_ngram)
-    for flag, value, low in (("--image-size", image_size, 71), ("--units", units, 1),
+    for flag, value, low in (("--image-size", 71 if image_size is None else image_size, 71), ("--units", units, 1),
                              ("--embed-dim", embed_dim, 1), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
         _at_least(flag, value, low)
     if not 0 <= dropout < 1:
@@ -202,6 +225,7 @@ def build_pack(
         raise CapkitError(f"--attention-reg must be 0 or more, not {attention_reg}")
     if not 0 <= label_smoothing < 1:
         raise CapkitError(f"--label-smoothing must be in [0, 1), not {label_smoothing}")
+    split_files = None
     if splits:
         from toolkit.pipeline import find_split_files
 
@@ -210,15 +234,23 @@ def build_pack(
         split_files = {"train": train_split, "dev": dev_split}
         if test_split:
             split_files["test"] = test_split
-    else:
-        raise CapkitError("give --splits DIR, or --train-split and --dev-split")
+    elif train_split or dev_split or test_split:
+        raise CapkitError("give both --train-split and --dev-split", hint="or no split flag: capkit then finds or makes the split")
+    from toolkit.data import parse_split_ratios
+    from toolkit.layout import plan_data
     from toolkit.pipeline import Report, build_pack as run
 
+    plan = plan_data(data=data, captions=captions, images=images, split_files=split_files,
+                     ratios=parse_split_ratios(split_ratios) if split_ratios else None, seed=split_seed,
+                     packs_dir=_packs_dir(packs_dir))
+    for line in plan.notes:
+        typer.echo(line, err=True)
+    weights, image_size = _choose_encoder(encoder_weights, image_size, _packs_dir(packs_dir))
     options = {k: v for k, v in (("url", translator_url), ("api_key", api_key)) if v}
     result = run(
-        lang, captions, images, split_files, _packs_dir(packs_dir),
-        source_lang=source_lang, translator=translator, translator_options=options,
-        encoder_config=_encoder_config(encoder_weights, image_size, 32),
+        lang, plan.captions, plan.images, plan.split_files, _packs_dir(packs_dir),
+        source_lang=source_lang, translator=translator, translator_options=options, split_method=plan.split,
+        encoder_config=_encoder_config(weights, image_size, 32),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout, attention_reg=attention_reg, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
@@ -414,8 +446,8 @@ def translate(
 @app.command()
 def encode(
     images: List[Path] = typer.Option(..., "--images", help="Images or folders of images."),
-    encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="imagenet, none or a .weights.h5 path."),
-    image_size: int = typer.Option(299, "--image-size"),
+    encoder_weights: Optional[str] = EncoderWeightsOption(),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Encoder input side (default 299, or the packs dir's encoder's)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_pixels: int = typer.Option(100_000_000, "--max-pixels"),
     grid: bool = typer.Option(False, "--grid", help="Cache the spatial feature maps too, as attention packs need."),
@@ -425,14 +457,16 @@ def encode(
     from toolkit.encoder import Encoder
     from toolkit.images import list_images
 
-    _at_least("--image-size", image_size, 71)
+    if image_size is not None:
+        _at_least("--image-size", image_size, 71)
     _at_least("--batch-size", batch_size, 1)
     _at_least("--max-pixels", max_pixels, 1)
     paths = list_images(images)
     if not paths:
         raise CapkitError(f"no images found in {', '.join(map(str, images))}")
     progress = _Progress()
-    enc = Encoder.prepare(_encoder_config(encoder_weights, image_size, batch_size), _packs_dir(packs_dir))
+    weights, image_size = _choose_encoder(encoder_weights, image_size, _packs_dir(packs_dir))
+    enc = Encoder.prepare(_encoder_config(weights, image_size, batch_size), _packs_dir(packs_dir))
     ex = enc.extract(paths, progress=lambda d, t: progress("progress", stage="encode", done=d, total=t), max_pixels=max_pixels,
                      grid=grid)
     progress._close()

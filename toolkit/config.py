@@ -24,6 +24,7 @@ class EncoderConfig:
     name: str = "xception"      # the only backbone today; part of the encoder's identity
     image_size: int = 299       # square input side; Xception's own is 299, tests use 71 (its minimum)
     weights: str = "imagenet"   # "imagenet" (Keras download), "none" (random init, tests/demo) or a .weights.h5 path
+                                # or the id of an encoder registered in the packs dir (loaded, not rebuilt)
     batch_size: int = 32        # images per forward pass
     workers: int = 4            # threads decoding and resizing images ahead of the model
 

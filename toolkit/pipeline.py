@@ -96,8 +96,12 @@ def build_pack(
     length_penalty: float = SEARCH.length_penalty,
     no_repeat_ngram: int = SEARCH.no_repeat_ngram,
     report: Report | None = None,
+    split_method: dict | None = None,
 ) -> BuildResult:
     """Every stage, in order: read, translate, encode, tokenize, train, score, write `packs_dir/lang/`.
+
+    `split_method` says how `split_files` were made, for the manifest
+    (`toolkit.layout.DataPlan.split`); default {"method": "files"}.
 
     An "attention" decoder (`decoder_config.architecture`) trains and is
     scored on the encoder's feature grids, extracted and cached alongside
@@ -289,6 +293,7 @@ def build_pack(
             "source_lang": source_lang,
             "translator": translator_used,
             "splits": {k: Path(v).name for k, v in split_files.items()},
+            "split": split_method or {"method": "files"},
             "n_train_images": len(present["train"]),
             "n_dev_images": len(present.get("dev", [])),
             "n_test_images": len(present.get("test", [])),
