@@ -378,3 +378,8 @@ def test_imagenet_digest_is_that_of_the_imagenet_weights():
     from toolkit.encoder import IMAGENET_DIGESTS, _build, _digest
 
     assert _digest(_build(EncoderConfig(image_size=71, weights=path), path)) in IMAGENET_DIGESTS
+
+
+def test_export_to_a_folder_not_there_yet(tiny_packs, tmp_path):
+    r = export_pack(tiny_packs, "en", f"{tmp_path / 'shelf'}/")
+    assert r.path == tmp_path / "shelf" / "capkit-en-1.0.0.cappack" and r.path.is_file() and not r.with_encoder

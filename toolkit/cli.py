@@ -507,7 +507,7 @@ def packs_verify(lang: Optional[str] = typer.Argument(None), packs_dir: Optional
 @packs_app.command("export")
 def packs_export(
     lang: str = typer.Argument(...),
-    out: Path = typer.Option(..., "-o", "--out", help="Archive to write (LANG.cappack), or a folder to write it in."),
+    out: str = typer.Option(..., "-o", "--out", help="Archive to write (LANG.cappack), or a folder to write it in (DIR/ is made)."),
     with_encoder: bool = typer.Option(False, "--with-encoder",
                                       help="Put the encoder's weights in the archive too (about 84 MB), so it installs anywhere."),
     packs_dir: Optional[Path] = PacksDir,

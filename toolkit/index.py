@@ -187,7 +187,7 @@ def _check_entry_url(url: str, where: str) -> None:
     # A relative URL may point anywhere on the index's server (or disk): what it names is checked on arrival.
 
 
-def load_index(location: str, report: Callable[..., None] | None = None) -> Index:
+def load_index(location: str) -> Index:
     """The index at `location` (an http(s) URL or a file), checked."""
     if _is_url(location):
         with tempfile.TemporaryDirectory(prefix="capkit-index-") as tmp:
@@ -313,7 +313,7 @@ def install(
             dest, where, entry = Path(tmp) / f"download{ARCHIVE_SUFFIX}", source, None
             download(source, dest, max_bytes=max_bytes, report=report)
         else:
-            idx = load_index(index_location(index), report)
+            idx = load_index(index_location(index))
             entry = resolve(idx, source)
             _check_compatible(entry, idx.location)
             where = entry_location(idx, entry)

@@ -109,7 +109,10 @@ def export_pack(packs_dir: Path, lang: str, out: Path, *, with_encoder: bool = F
     folder = find_pack(Path(packs_dir), lang)
     manifest = load_manifest(folder)
     encoder = _encoder_to_carry(Path(packs_dir), manifest) if with_encoder else None
+    folder_meant = str(out).endswith(("/", os.sep))  # "-o shelf/": a folder, made if need be
     out = Path(out)
+    if folder_meant:
+        out.mkdir(parents=True, exist_ok=True)
     if out.is_dir():
         out = out / f"capkit-{lang}-{manifest['pack_version']}{ARCHIVE_SUFFIX}"
     out.parent.mkdir(parents=True, exist_ok=True)
