@@ -58,7 +58,9 @@ class _Progress:
             if self.stage != f["stage"] or self.bar is None:
                 self._close()
                 self.stage = f["stage"]
-                self.bar = tqdm(total=f["total"], desc=f["stage"], unit="img" if f["stage"] == "encode" else "cap",
+                unit = f.get("unit") or ("img" if f["stage"] == "encode" else "cap")
+                self.bar = tqdm(total=f["total"], desc=f["stage"], unit=unit, unit_scale=unit == "B",
+                                unit_divisor=1024 if unit == "B" else 1000,
                                 file=sys.stderr, leave=False, dynamic_ncols=True)
             self.bar.update(f["done"] - self.bar.n)
             counts = {k: f[k] for k in ("cached", "sent", "failed") if k in f}
@@ -543,34 +545,114 @@ def packs_verify(lang: Optional[str] = typer.Argument(None), packs_dir: Optional
 @packs_app.command("export")
 def packs_export(
     lang: str = typer.Argument(...),
-    out: Path = typer.Option(..., "-o", "--out", help="Archive to write (LANG.cappack), or a folder to write it in."),
+    out: str = typer.Option(..., "-o", "--out", help="Archive to write (LANG.cappack), or a folder to write it in (DIR/ is made)."),
+    with_encoder: bool = typer.Option(False, "--with-encoder",
+                                      help="Put the encoder's weights in the archive too (about 84 MB), so it installs anywhere."),
     packs_dir: Optional[Path] = PacksDir,
 ):
-    """Write a pack to one .cappack zip to share; its encoder is named, not copied."""
+    """Write a pack to one .cappack zip to share; its encoder is named, or with --with-encoder carried."""
     from toolkit.share import export_pack
 
-    r = export_pack(_packs_dir(packs_dir), _check_lang(lang), out)
-    typer.echo(f"exported {r.lang} {r.pack_version} ({r.n_files} files, {r.size / 1e6:.1f} MB) to {r.path}")
+    r = export_pack(_packs_dir(packs_dir), _check_lang(lang), out, with_encoder=with_encoder)
+    typer.echo(f"exported {r.lang} {r.pack_version} ({r.n_files} files{', encoder included' if r.with_encoder else ''}, "
+               f"{r.size / 1e6:.1f} MB) to {r.path}")
 
 
-@packs_app.command("import")
-def packs_import(
-    archive: Path = typer.Argument(..., help="A .cappack written by `capkit packs export`."),
-    force: bool = typer.Option(False, "--force", help="Replace an installed pack of another version or build."),
-    max_size_mb: int = typer.Option(512, "--max-size-mb", help="Refuse archives that unpack to more than this."),
-    packs_dir: Optional[Path] = PacksDir,
-):
-    """Check a .cappack completely, then install it in one swap."""
-    from toolkit.pipeline import Report
-    from toolkit.share import import_pack
+def EncoderWeightsOption():
+    return typer.Option(None, "--encoder-weights",
+                        help="When the pack's encoder is missing here and not in the archive: imagenet (Keras's "
+                        "download) or a .weights.h5 path; used only if its digest is the pack's.")
 
-    r = import_pack(archive, _packs_dir(packs_dir), force=force, max_bytes=max_size_mb * 2**20, report=Report(_Progress()))
+
+def MaxSizeOption():
+    return typer.Option(512, "--max-size-mb", help="Refuse archives that unpack to more than this.")
+
+
+def _import_summary(r) -> None:
     if r.action == "unchanged":
         typer.echo(f"{r.lang} {r.manifest['pack_version']} is already installed, identical; nothing to do")
     elif r.action == "replaced":
         typer.echo(f"replaced {r.lang} {r.previous_version or '(broken)'} by {r.manifest['pack_version']} in {r.pack_dir}")
     else:
         typer.echo(f"installed {r.lang} {r.manifest['pack_version']} in {r.pack_dir}")
+    if r.encoder_registered:
+        where = "the archive" if r.encoder_registered == "archive" else r.encoder_registered
+        typer.echo(f"registered encoder {r.manifest['encoder']['id']} from {where}")
+
+
+@packs_app.command("import")
+def packs_import(
+    archive: Path = typer.Argument(..., help="A .cappack written by `capkit packs export`."),
+    force: bool = typer.Option(False, "--force", help="Replace an installed pack of another version or build."),
+    max_size_mb: int = MaxSizeOption(),
+    encoder_weights: Optional[str] = EncoderWeightsOption(),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Check a .cappack completely, then install it in one swap."""
+    from toolkit.pipeline import Report
+    from toolkit.share import import_pack
+
+    r = import_pack(archive, _packs_dir(packs_dir), force=force, max_bytes=max_size_mb * 2**20,
+                    encoder_weights=encoder_weights, report=Report(_Progress()))
+    _import_summary(r)
+
+
+IndexOption = typer.Option(None, "--index", help="Pack index: a URL or a file (default: $CAPKIT_INDEX; there is no built-in one).")
+
+
+@packs_app.command("install")
+def packs_install(
+    source: str = typer.Argument(..., help="A .cappack file, an http(s) URL of one, or a pack name in the index: zh, zh==1.2.0."),
+    index: Optional[str] = IndexOption,
+    force: bool = typer.Option(False, "--force", help="Replace an installed pack of another version or build."),
+    max_size_mb: int = MaxSizeOption(),
+    encoder_weights: Optional[str] = EncoderWeightsOption(),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Download (size and sha256 checked, resumed if cut), check like `import`, install."""
+    from toolkit.index import install
+    from toolkit.pipeline import Report
+
+    progress = _Progress()
+    r = install(source, _packs_dir(packs_dir), index=index, force=force, max_bytes=max_size_mb * 2**20,
+                encoder_weights=encoder_weights, report=Report(progress))
+    progress._close()
+    _import_summary(r.imported)
+
+
+@packs_app.command("available")
+def packs_available(index: Optional[str] = IndexOption, packs_dir: Optional[Path] = PacksDir):
+    """What an index offers, beside what is installed; a newer version is marked."""
+    from toolkit.index import available, index_location, load_index
+
+    idx = load_index(index_location(index))
+    rows = available(idx, _packs_dir(packs_dir))
+    if not rows:
+        typer.echo(f"{idx.location} offers no packs")
+        return
+    typer.echo(f"{'lang':6} {'name':14} {'version':9} {'size':>8} {'BLEU-4':>7} {'encoder':9} {'installed':10} note")
+    for r in rows:
+        s = r["scores"].get("test") or r["scores"].get("dev") or {}
+        b4 = f"{s['bleu4']:.1f}" if "bleu4" in s else "-"
+        note = {"newer": "newer than installed", "older": "older than installed", "installed": "installed"}.get(r["status"], "")
+        if r["needs"]:
+            note = f"needs capkit {r['needs']}" + (f"; {note}" if note else "")
+        typer.echo(f"{r['lang']:6} {r['name']:14} {r['version']:9} {r['size'] / 1e6:7.1f}M {b4:>7} "
+                   f"{'included' if r['encoder']['included'] else 'named':9} {r['installed'] or '-':10} {note}".rstrip())
+
+
+@packs_app.command("index")
+def packs_index(
+    folder: Path = typer.Argument(..., help="Folder of .cappack files to list."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Index to write (default: FOLDER/index.json)."),
+):
+    """Write the index of a folder of .cappack files, to serve beside them."""
+    from toolkit.index import build_index
+
+    data = build_index(folder, out)
+    where = out or folder / "index.json"
+    typer.echo(f"indexed {len(data['packs'])} pack(s) in {where}: "
+               + ", ".join(f"{e['lang']} {e['version']}" for e in data["packs"]))
 
 
 def main() -> None:

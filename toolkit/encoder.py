@@ -45,6 +45,13 @@ FEATURE_DIM = 2048
 RANDOM_INIT_SEED = 1234
 DEFAULT_IMAGE_SIZE = EncoderConfig.image_size
 ENCODER_ID = re.compile(r"[a-z0-9]+-[0-9]+-[0-9a-f]{12}")  # "xception-299-1a2b3c4d5e6f", as `_identity` makes them
+# Digests (`_digest`: sha256 of every weight as float32, in model order) of the ImageNet-trained
+# Xception without its top; the same at every image size. This one is of the weights that
+# ../shared/tools/xception-imagenet-weights writes (the stock ImageNet Xception, taken from a
+# PyPI wheel), computed here from that file. Keras's own download could not be fetched to
+# confirm it gives the same digest; if it does not, `--encoder-weights imagenet` is refused
+# by the digest check below, never accepted wrongly.
+IMAGENET_DIGESTS = frozenset({"dd8fa9fc31ba124382395512a133fe425aa5c6667b16e5832bb79910d1b77829"})
 
 
 class CacheWriteError(CapkitError):
@@ -494,6 +501,62 @@ def choose_encoder(packs_dir: Path, weights: str | None = None, image_size: int 
     weights = "RANDOM weights, for tests and demos only" if e.get("source") == "none" else f"{e.get('source')} weights"
     return EncoderChoice(e["id"], int(e["image_size"]),
                          f"encoder: {e['id']} ({weights}, {e['image_size']} px), the one registered in {home}")
+def is_imagenet(identity: dict) -> bool:
+    """Whether an encoder identity (a manifest's "encoder" section) is the ImageNet Xception."""
+    return identity.get("source") == "imagenet" or identity.get("digest") in IMAGENET_DIGESTS
+
+
+def register_encoder(packs_dir: Path, expected: dict, weights: str | Path, *, move: bool = False) -> Path:
+    """Register in `packs_dir` the encoder `expected` names (a manifest's "encoder" section), from `weights`.
+
+    `weights` is "imagenet", "none" or a .weights.h5 path (moved into place
+    with `move`, else copied). Refused, with nothing written, unless the
+    weights as loaded have `expected["digest"]`; the folder appears whole or
+    not at all. Returns `.encoders/<id>/`.
+
+        register_encoder(packs, manifest["encoder"], "xception.weights.h5") -> packs/.encoders/xception-299-dd8f.../
+    """
+    import secrets
+    import shutil
+
+    from toolkit.pack import atomic_write_text
+
+    config = EncoderConfig(name=expected["name"], image_size=int(expected["image_size"]), weights=str(weights))
+    model = _build(config, str(weights))
+    identity = _identity(model, config)
+    if identity["digest"] != expected["digest"]:
+        what = "Keras's ImageNet weights" if weights == "imagenet" else f"the weights in {weights}"
+        raise CapkitError(
+            f"{what} are not the encoder {expected['id']} the pack was trained with (digest {identity['digest'][:12]}, "
+            f"the pack's {expected['digest'][:12]}); not registered",
+            hint="give the very weights the pack was built with",
+        )
+    identity["source"] = expected["source"]  # the pack's own record of where they came from
+    root = Path(packs_dir) / ENCODERS_DIR
+    home = root / expected["id"]
+    if home.exists():
+        raise CapkitError(f"{home} exists but holds no usable encoder; not overwritten",
+                          hint="move it away and run the same command again")
+    staging = root / f".register-{expected['id']}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(parents=True)
+        if identity["source"] != "none":  # random init is rebuilt from its seed
+            dst = staging / ENCODER_WEIGHTS_FILE
+            if weights == "imagenet":
+                model.save_weights(dst)
+            elif move:
+                os.replace(weights, dst)
+            else:
+                shutil.copyfile(weights, dst)
+        atomic_write_text(staging / ENCODER_FILE, json.dumps(identity, indent=2))
+        os.rename(staging, home)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CapkitError(f"{packs_dir}: cannot register the encoder there ({e.strerror or e})",
+                              hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write, with free space") from None
+        raise
+    return home
 
 
 def _build(config: EncoderConfig, weights: str):
