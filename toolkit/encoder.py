@@ -501,6 +501,8 @@ def choose_encoder(packs_dir: Path, weights: str | None = None, image_size: int 
     weights = "RANDOM weights, for tests and demos only" if e.get("source") == "none" else f"{e.get('source')} weights"
     return EncoderChoice(e["id"], int(e["image_size"]),
                          f"encoder: {e['id']} ({weights}, {e['image_size']} px), the one registered in {home}")
+
+
 def is_imagenet(identity: dict) -> bool:
     """Whether an encoder identity (a manifest's "encoder" section) is the ImageNet Xception."""
     return identity.get("source") == "imagenet" or identity.get("digest") in IMAGENET_DIGESTS
