@@ -163,9 +163,11 @@ class Extraction:
 class FeatureView:
     """Features of some images, read from the cache's memory map only when indexed.
 
-    `view[[3, 0, 7]]` gives those rows as float32; nothing is loaded up front,
-    so a train split whose features exceed RAM (COCO's grids) still trains.
-    `decoder.train_decoder` accepts it wherever it takes an array.
+    `view[[3, 0, 7]]` (or `view[0:64]`) gives those rows as float32; nothing
+    is loaded up front, so a train split whose features exceed RAM (COCO's
+    grids) still trains, and a search over a big folder holds one chunk of
+    grids at a time. `decoder.train_decoder` and
+    `generate.beam_search_batched` accept it wherever they take an array.
     """
 
     def __init__(self, read: Callable[[list[str]], np.ndarray], keys: list[str], row_shape: tuple[int, ...]):
@@ -179,6 +181,8 @@ class FeatureView:
         return len(self.keys)
 
     def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, slice):
+            idx = np.arange(len(self))[idx]
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         return self._read([self.keys[i] for i in idx]).reshape(len(idx), *self.shape[1:])
 

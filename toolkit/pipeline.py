@@ -22,6 +22,7 @@ from toolkit import __version__
 from toolkit.config import ADDED_FIELDS, SEARCH, DecoderConfig, EncoderConfig, TrainConfig, from_dict, resolve_tokenizer
 from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
 from toolkit.errors import CapkitError
+from toolkit.generate import beam_search_batched  # noqa: F401  (moved; importable here as before)
 from toolkit.pack import (
     CAPTIONS_FILE, DECODER_WEIGHTS_FILE, FORMAT_VERSION, HISTORY_FILE, MANIFEST_FILE, MODEL_CARD_FILE,
     PACK_FORMAT, REFERENCES_FILE, TOKENIZER_FILE, atomic_write_text, file_sha256, find_pack, install_dir,
@@ -249,7 +250,7 @@ def build_pack(
         if not names:
             continue
         keys = [key_of[n] for n in names]
-        ids = beam_search_batched(step, LazyGrids(encoder, keys) if grid else encoder.features(keys),
+        ids = beam_search_batched(step, encoder.features_view(keys, grid=True) if grid else encoder.features(keys),
                                   BOS_ID, EOS_ID, beam, dec_cfg.max_length, length_penalty, no_repeat_ngram)
         hyps = dict(zip(names, tokenizer.decode(ids)))
         refs = {n: texts[n] for n in names}
@@ -408,23 +409,6 @@ def _architecture(manifest: dict) -> str:
     return from_dict(DecoderConfig, manifest["decoder"]).architecture
 
 
-class LazyGrids:
-    """The grids of `keys`, read from the memory-mapped cache a slice at a time.
-
-    Stands in for an (n, P, 2048) array in `beam_search_batched`, so a big
-    folder never holds all its grids (800 KB an image at 299 px) at once.
-    """
-
-    def __init__(self, encoder, keys: list[str]):
-        self.encoder, self.keys = encoder, list(keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return self.encoder.grid_features(self.keys[rows])
-
-
 def load_pack(packs_dir: Path, lang: str, encoder_id: str | None = None) -> LoadedPack:
     """A pack ready to caption; refused when `encoder_id` differs from the one it was trained with."""
     from toolkit.decoder import load_decoder
@@ -500,28 +484,13 @@ def caption_images(
     by_lang, ids_by_lang = {}, {}
     for lang in langs:
         pack = load_pack(packs_dir, lang, encoder.id)
-        ids = beam_search_batched(pack.step, LazyGrids(encoder, keys) if pack.needs_grid else feats, BOS_ID, EOS_ID,
+        ids = beam_search_batched(pack.step, encoder.features_view(keys, grid=True) if pack.needs_grid else feats, BOS_ID, EOS_ID,
                                   beam, pack.manifest["decoder"]["max_length"], length_penalty, no_repeat_ngram)
         by_lang[lang], ids_by_lang[lang] = pack.tokenizer.decode(ids), ids
     t2 = time.perf_counter()
     rows = [{"image": p, "lang": lang, "caption": by_lang[lang][i], "ids": ids_by_lang[lang][i]}
             for i, p in enumerate(ok) for lang in langs]
     return Captions(rows, ex.failures, {"encode": t1 - t0, "decode": t2 - t1})
-
-
-def beam_search_batched(step, feats, bos, eos, beam, max_length, length_penalty=0.0, no_repeat_ngram=0, batch=64):
-    """Beam search in chunks of `batch` images, so memory stays flat on big folders.
-
-    `feats` is an array or anything sliceable into arrays (`LazyGrids`). A `KerasStepModel` runs the compiled search (one TensorFlow call per
-    chunk); any other `StepModel` the numpy reference, which picks the same ids.
-    """
-    from toolkit.generate import beam_search
-
-    search = getattr(step, "search", None) or (lambda f, *a: beam_search(step, f, *a))
-    out = []
-    for i in range(0, len(feats), batch):
-        out += search(feats[i : i + batch], bos, eos, beam, max_length, length_penalty, no_repeat_ngram)
-    return out
 
 
 def evaluate_packs(
@@ -594,7 +563,7 @@ def evaluate_packs(
         keys = [ex.keys[str(images_dir / n)] for n in names]
         feats = encoder.features(keys)  # pooled: the retrieval baseline's, and the lstm decoder's
         pack = load_pack(packs_dir, lang, eid)
-        ids = beam_search_batched(pack.step, LazyGrids(encoder, keys) if pack.needs_grid else feats,
+        ids = beam_search_batched(pack.step, encoder.features_view(keys, grid=True) if pack.needs_grid else feats,
                                   BOS_ID, EOS_ID, beam, m["decoder"]["max_length"], length_penalty, no_repeat_ngram)
         hyps = dict(zip(names, pack.tokenizer.decode(ids)))
         refs = {n: refs_all[n] for n in names}
