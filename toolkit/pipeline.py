@@ -14,7 +14,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -25,32 +24,15 @@ from toolkit.errors import CapkitError
 from toolkit.generate import beam_search_batched  # noqa: F401  (moved; importable here as before)
 from toolkit.pack import (
     CAPTIONS_FILE, DECODER_WEIGHTS_FILE, FORMAT_VERSION, HISTORY_FILE, MANIFEST_FILE, MODEL_CARD_FILE,
-    PACK_FORMAT, REFERENCES_FILE, TOKENIZER_FILE, atomic_write_text, file_sha256, find_pack, install_dir,
-    installed_packs, load_manifest, validate_manifest,
+    PACK_FORMAT, REFERENCES_FILE, TOKENIZER_FILE, LoadedPack, architecture, atomic_write_text, file_sha256, find_pack,
+    install_dir, load_manifest, load_pack, resolve_langs, validate_manifest,
 )
+from toolkit.progress import Report
 
 IN_MEMORY_FEATURES_BYTES = 2 << 30  # above this, training reads features memory-mapped
 WORK_DIR = ".work"          # per-build checkpoints, removed once the pack is installed
 CACHE_DIR = ".cache"        # translation cache shared by all builds
 TRANSLATION_CACHE_FILE = "translations.sqlite"
-
-
-class Report:
-    """How library code tells the caller what happens: `event(kind, **fields)`.
-
-    Kinds: "stage" (name), "progress" (stage, done, total), "warning" (message),
-    "epoch" (epoch, loss, val_loss, ...). The CLI renders them; tests record them.
-    """
-
-    def __init__(self, callback: Callable[..., None] | None = None):
-        self.callback = callback
-        self.warnings: list[str] = []
-
-    def __call__(self, kind: str, **fields) -> None:
-        if kind == "warning":
-            self.warnings.append(fields["message"])
-        if self.callback:
-            self.callback(kind, **fields)
 
 
 def find_split_files(splits_dir: Path) -> dict[str, Path]:
@@ -354,7 +336,7 @@ def _check_writable(packs_dir: Path) -> None:
 
 def _write_model_card(folder: Path, m: dict) -> None:
     d, t, dc, tc = m["data"], m["training"], m["decoder"], m["train"]
-    kind = "LSTM decoder attending over the feature grid of the" if _architecture(m) == "attention" else "LSTM decoder over the"
+    kind = "LSTM decoder attending over the feature grid of the" if architecture(m) == "attention" else "LSTM decoder over the"
     lines = [
         f"# capkit language pack: {m['lang']}", "",
         f"Image captions in `{m['lang']}` from a {m['decoder']['units']}-unit {kind} shared "
@@ -389,52 +371,6 @@ def _write_model_card(folder: Path, m: dict) -> None:
 
 
 # -- inference ----------------------------------------------------------------
-
-@dataclass
-class LoadedPack:
-    lang: str
-    dir: Path
-    manifest: dict
-    tokenizer: object
-    step: object  # a KerasStepModel; its `decoder` is the Keras model
-
-    @property
-    def needs_grid(self) -> bool:
-        """Whether the decoder reads feature grids (`Encoder.grid_features`) rather than pooled features."""
-        return _architecture(self.manifest) == "attention"
-
-
-def _architecture(manifest: dict) -> str:
-    """The manifest's decoder architecture; packs from before the field are "lstm" (see config.ADDED_FIELDS)."""
-    return from_dict(DecoderConfig, manifest["decoder"]).architecture
-
-
-def load_pack(packs_dir: Path, lang: str, encoder_id: str | None = None) -> LoadedPack:
-    """A pack ready to caption; refused when `encoder_id` differs from the one it was trained with."""
-    from toolkit.decoder import load_decoder
-    from toolkit.generate import KerasStepModel
-    from toolkit.tokenizer import Tokenizer
-
-    folder = find_pack(packs_dir, lang)
-    m = load_manifest(folder)
-    if encoder_id and m["encoder"]["id"] != encoder_id:
-        raise CapkitError(
-            f"pack {lang} was trained with encoder {m['encoder']['id']}, not {encoder_id}",
-            hint="a decoder only understands the features of its own encoder; rebuild the pack for this encoder",
-        )
-    cfg = from_dict(DecoderConfig, m["decoder"])
-    model = load_decoder(cfg, folder / DECODER_WEIGHTS_FILE)
-    return LoadedPack(lang, folder, m, Tokenizer.load(folder / TOKENIZER_FILE), KerasStepModel(model))
-
-
-def resolve_langs(packs_dir: Path, langs: list[str]) -> list[str]:
-    if "all" in langs:
-        have = list(installed_packs(packs_dir))
-        if not have:
-            raise CapkitError(f"no packs installed in {packs_dir}", hint="build one with `capkit build-pack`")
-        return have
-    return list(dict.fromkeys(langs))
-
 
 @dataclass
 class Captions:
@@ -474,7 +410,7 @@ def caption_images(
         raise CapkitError(f"no images found in {', '.join(map(str, inputs))}")
     t0 = time.perf_counter()
     encoder = Encoder.load(packs_dir, enc_ids.pop())
-    grid = any(_architecture(m) == "attention" for m in manifests.values())  # one pass serves every pack
+    grid = any(architecture(m) == "attention" for m in manifests.values())  # one pass serves every pack
     ex = encoder.extract(paths, progress=lambda d, t: report("progress", stage="encode", done=d, total=t),
                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS, grid=grid)
     t1 = time.perf_counter()
@@ -531,7 +467,7 @@ def evaluate_packs(
     grid_for: dict[str, bool] = {}
     for m in manifests.values():
         eid = m["encoder"]["id"]
-        grid_for[eid] = grid_for.get(eid, False) or _architecture(m) == "attention"
+        grid_for[eid] = grid_for.get(eid, False) or architecture(m) == "attention"
     for lang in langs:
         folder, m = folders[lang], manifests[lang]
         ref_path = Path(references) if references else folder / REFERENCES_FILE
