@@ -30,7 +30,7 @@ import numpy as np
 
 from toolkit.config import EncoderConfig
 from toolkit.errors import CapkitError
-from toolkit.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from toolkit.images import DEFAULT_MAX_PIXELS, ImageBytes, ImageError, decode_image
 
 ENCODERS_DIR = ".encoders"
 ENCODER_FILE = "encoder.json"
@@ -274,12 +274,16 @@ class Encoder:
 
     def extract(
         self,
-        paths: list[str | Path],
+        paths: list[str | Path | ImageBytes],
         progress: Callable[[int, int], None] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         grid: bool = False,
     ) -> Extraction:
         """Features of every readable image in `paths`, cached; bad files are reported, not fatal.
+
+        `keys` and `failures` are by path (as a string); an `ImageBytes` in
+        `paths` (an image in memory) is keyed by itself and named in messages
+        by its `name`.
 
         `grid=True` caches the spatial feature maps too (`grid_features`); an
         image counts as cached only when everything asked for is. Images whose
@@ -291,23 +295,26 @@ class Encoder:
         waiting; batches are padded to one shape so the graph is traced once.
         """
         out = Extraction()
-        paths = [str(p) for p in paths]
+        paths = [p if isinstance(p, ImageBytes) else str(p) for p in paths]
         start = time.perf_counter()
         bs = self.config.batch_size
         batch_keys: list[str] = []
         batch_imgs: list[np.ndarray] = []
         pending: set[str] = set()
 
-        def work(p: str):
-            try:
-                data = Path(p).read_bytes()
-            except OSError as e:
-                return p, None, ImageError(f"{p}: cannot read ({e.strerror or e})")
+        def work(p: str | ImageBytes):
+            if isinstance(p, ImageBytes):
+                data, name = p.data, p.name
+            else:
+                try:
+                    data, name = Path(p).read_bytes(), p
+                except OSError as e:
+                    return p, None, ImageError(f"{p}: cannot read ({e.strerror or e})")
             key = image_key(data)
             if self._has(key, grid):
                 return p, key, None
             try:
-                return p, key, decode_image(data, self.config.image_size, p, max_pixels)
+                return p, key, decode_image(data, self.config.image_size, name, max_pixels)
             except ImageError as e:
                 return p, None, e
 

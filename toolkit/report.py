@@ -105,7 +105,7 @@ class ReportData:
     langs: list[str]                          # column order of the gallery
     rows: list[ReportRow]
     histories: dict[str, list[dict]]          # lang -> history.json entries ({"epoch", "loss", "val_loss"}); [] if none
-    scores: list[dict] | None = None          # `pipeline.evaluate_packs` entries; None: no BLEU table
+    scores: list[dict] | None = None          # `score.evaluate_packs` entries; None: no BLEU table
     best_epochs: dict[str, int] = field(default_factory=dict)  # lang -> epoch whose weights the pack kept
     meta: dict[str, str] = field(default_factory=dict)         # shown at the top: packs, images, split, beam, ...
     skipped: dict[str, str] = field(default_factory=dict)      # image -> why it is not in the gallery
@@ -214,32 +214,26 @@ def attention_strip(image, tokens: Sequence[str], maps: np.ndarray, n_tokens: in
     )
 
 
-def _attention_maps(shown, langs, manifests, packs_dir: Path, report) -> dict[tuple[str, str], tuple[list[str], np.ndarray, int]]:
+def _attention_maps(shown, langs, captioner, report) -> dict[tuple[str, str], tuple[list[str], np.ndarray, int]]:
     """(image path, lang) -> (tokens, maps (m, G, G), n_tokens) for every
     caption in `shown` of a pack whose decoder attends: where it looked for
     its first m <= ATTENTION_MAX_TOKENS tokens. One `attention_maps` call per
     pack per ATTENTION_BATCH images; the grids come from the encoder's cache,
-    which captioning filled."""
-    from toolkit.config import DecoderConfig, from_dict
-    from toolkit.encoder import Encoder
-    from toolkit.pipeline import load_pack
+    which captioning filled; encoders and packs are the `captioner`'s."""
+    from toolkit.pack import architecture
 
     out = {}
-    encoders: dict[str, Encoder] = {}
-    attending = [lang for lang in langs if from_dict(DecoderConfig, manifests[lang]["decoder"]).architecture == "attention"]
+    attending = [lang for lang in langs if architecture(captioner.manifests[lang]) == "attention"]
     if attending:
         report("stage", name="attention")
     for lang in attending:
         todo = [(path, ids[lang]) for path, _, _, ids in shown if ids.get(lang)]  # an empty caption has no tokens
         if not todo:
             continue
-        eid = manifests[lang]["encoder"]["id"]
-        if eid not in encoders:
-            encoders[eid] = Encoder.load(packs_dir, eid)
-        encoder = encoders[eid]
+        encoder = captioner.encoder(lang)
         keys = encoder.extract([path for path, _ in todo], grid=True).keys
         todo = [(path, ids) for path, ids in todo if path in keys]
-        pack = load_pack(packs_dir, lang, eid)
+        pack = captioner.pack(lang)
         G = encoder.grid_size
         for start in range(0, len(todo), ATTENTION_BATCH):
             chunk = todo[start : start + ATTENTION_BATCH]
@@ -284,8 +278,11 @@ def build_report(
     from toolkit import __version__
     from toolkit.data import group_by_image, read_captions, read_split
     from toolkit.images import ImageError, list_images
-    from toolkit.pack import HISTORY_FILE, REFERENCES_FILE, atomic_write_text, find_pack, load_manifest
-    from toolkit.pipeline import Report, caption_images, evaluate_packs, resolve_langs
+    from toolkit.pack import HISTORY_FILE, REFERENCES_FILE, atomic_write_text, find_pack
+    from toolkit.captioner import Captioner, caption_images
+    from toolkit.pack import resolve_langs
+    from toolkit.progress import Report
+    from toolkit.score import evaluate_packs
 
     report = report or Report()
     search = dict(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
@@ -294,7 +291,8 @@ def build_report(
     packs_dir = Path(packs_dir)
     langs = resolve_langs(packs_dir, langs)
     folders = {lang: find_pack(packs_dir, lang) for lang in langs}
-    manifests = {lang: load_manifest(f) for lang, f in folders.items()}
+    captioner = Captioner(packs_dir, langs)  # one encoder and decoder each, for the captions and the heat maps
+    manifests = captioner.manifests
     given_refs = group_by_image(read_captions(references).captions) if references else None
 
     scores = None
@@ -307,7 +305,7 @@ def build_report(
         images_dir = inputs[0]
         report("stage", name="evaluate")
         scores = evaluate_packs(langs, packs_dir, images_dir, split, references, bootstrap=bootstrap, report=report,
-                                **search)
+                                captioner=captioner, **search)
         by_lang = {e["lang"]: e["captions"] for e in scores}
         ids_by_lang = {e["lang"]: e["caption_ids"] for e in scores}
         names = [n for n in dict.fromkeys(read_split(split)) if any(n in c for c in by_lang.values())]
@@ -320,7 +318,7 @@ def build_report(
         if not paths:
             raise CapkitError(f"no images found in {', '.join(map(str, inputs))}")
         report("stage", name="caption")
-        caps = caption_images(paths[:limit], langs, packs_dir, report=report, **search)
+        caps = caption_images(paths[:limit], langs, packs_dir, report=report, captioner=captioner, **search)
         skipped.update(caps.failures)
         per_image: dict[str, dict[str, str | None]] = {}
         ids_per_image: dict[str, dict[str, list[int]]] = {}
@@ -330,7 +328,7 @@ def build_report(
         shown = [(p, Path(p).name, c, ids_per_image[p]) for p, c in per_image.items()]
         ref_sets = {"": given_refs} if given_refs is not None else {}
 
-    attention = _attention_maps(shown, langs, manifests, packs_dir, report)
+    attention = _attention_maps(shown, langs, captioner, report)
 
     report("stage", name="thumbnails")
     rows = []
