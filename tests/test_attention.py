@@ -247,7 +247,7 @@ def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tin
 def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
     import sys
 
-    import toolkit.pipeline
+    import toolkit.build
     from toolkit.cli import main
     from toolkit.errors import CapkitError
 
@@ -257,7 +257,7 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
         got.append(decoder_config.architecture)
         raise CapkitError("stopped here")
 
-    monkeypatch.setattr(toolkit.pipeline, "build_pack", fake_build)
+    monkeypatch.setattr(toolkit.build, "build_pack", fake_build)
     base = ["capkit", "build-pack", "en", "--captions", str(tiny_dataset["captions_en"]), "--images",
             str(tiny_dataset["images"]), "--train-split", str(tiny_dataset["train"]), "--dev-split", str(tiny_dataset["dev"]),
             "--packs-dir", str(tmp_path)]
