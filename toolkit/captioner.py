@@ -178,6 +178,8 @@ class Captioner:
 
 @dataclass
 class Captions:
+    """`caption_images`' answer, in the layout `capkit caption` prints."""
+
     rows: list[dict]                 # {"image", "lang", "caption", "ids"}, image-major; ids: the caption's tokens
     failures: dict[str, str]         # image path -> why it was skipped
     seconds: dict[str, float]        # stage -> seconds

@@ -275,14 +275,11 @@ def build_report(
 
         build_report(["Images"], ["en", "zh"], packs, split=Path("test.txt"), limit=50, out=Path("r.html"))
     """
-    from toolkit import __version__
-    from toolkit.data import group_by_image, read_captions, read_split
-    from toolkit.images import ImageError, list_images
-    from toolkit.pack import HISTORY_FILE, REFERENCES_FILE, atomic_write_text, find_pack
-    from toolkit.captioner import Captioner, caption_images
-    from toolkit.pack import resolve_langs
+    from toolkit.captioner import Captioner
+    from toolkit.data import group_by_image, read_captions
+    from toolkit.images import ImageError
+    from toolkit.pack import HISTORY_FILE, REFERENCES_FILE, atomic_write_text, find_pack, resolve_langs
     from toolkit.progress import Report
-    from toolkit.score import evaluate_packs
 
     report = report or Report()
     search = dict(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
@@ -298,34 +295,11 @@ def build_report(
     scores = None
     skipped: dict[str, str] = {}
     if split:
-        inputs = [Path(p) for p in inputs]
-        if len(inputs) != 1 or not inputs[0].is_dir():
-            raise CapkitError("--split needs --images to be the one folder that holds the split's images",
-                              hint="drop --split to caption a list of files")
-        images_dir = inputs[0]
-        report("stage", name="evaluate")
-        scores = evaluate_packs(langs, packs_dir, images_dir, split, references, bootstrap=bootstrap, report=report,
-                                captioner=captioner, **search)
-        by_lang = {e["lang"]: e["captions"] for e in scores}
-        ids_by_lang = {e["lang"]: e["caption_ids"] for e in scores}
-        names = [n for n in dict.fromkeys(read_split(split)) if any(n in c for c in by_lang.values())]
-        shown = [(str(images_dir / n), n, {lang: by_lang[lang].get(n) for lang in langs},
-                  {lang: ids_by_lang[lang].get(n) for lang in langs}) for n in names[:limit]]
+        scores, shown = _score_split(inputs, langs, captioner, split, references, bootstrap, search, limit, report)
         ref_sets = {"": given_refs} if given_refs is not None else {
             lang: group_by_image(read_captions(folders[lang] / REFERENCES_FILE).captions) for lang in langs}
     else:
-        paths = list_images(inputs)
-        if not paths:
-            raise CapkitError(f"no images found in {', '.join(map(str, inputs))}")
-        report("stage", name="caption")
-        caps = caption_images(paths[:limit], langs, packs_dir, report=report, captioner=captioner, **search)
-        skipped.update(caps.failures)
-        per_image: dict[str, dict[str, str | None]] = {}
-        ids_per_image: dict[str, dict[str, list[int]]] = {}
-        for r in caps.rows:
-            per_image.setdefault(r["image"], {})[r["lang"]] = r["caption"]
-            ids_per_image.setdefault(r["image"], {})[r["lang"]] = r["ids"]
-        shown = [(p, Path(p).name, c, ids_per_image[p]) for p, c in per_image.items()]
+        shown = _caption_files(inputs, langs, captioner, search, limit, skipped, report)
         ref_sets = {"": given_refs} if given_refs is not None else {}
 
     attention = _attention_maps(shown, langs, captioner, report)
@@ -352,17 +326,7 @@ def build_report(
             report("warning", message=f"pack {lang}: no loss history to chart ({e})")
             histories[lang] = []
 
-    meta = {
-        "packs": ", ".join(f"{lang} {m['pack_version']}" for lang, m in manifests.items()),
-        "encoder": ", ".join(sorted({m["encoder"]["id"] for m in manifests.values()})),
-        "images": ", ".join(map(str, inputs)) + (f" ({len(rows)} shown)" if rows else ""),
-    }
-    if split:
-        meta["split"] = str(split)
-    meta["references"] = str(references) if references else ("each pack's references.txt" if split else "none")
-    meta["search"] = f"beam {beam}, length penalty {length_penalty:g}, no repeated {no_repeat_ngram}-grams" \
-        if no_repeat_ngram else f"beam {beam}, length penalty {length_penalty:g}"
-    meta["made"] = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by capkit {__version__}"
+    meta = _meta(manifests, inputs, rows, split, references, beam, length_penalty, no_repeat_ngram)
     data = ReportData(
         langs=langs, rows=rows, histories=histories, scores=scores,
         best_epochs={lang: m.get("training", {}).get("best_epoch") for lang, m in manifests.items()},
@@ -374,6 +338,64 @@ def build_report(
         atomic_write_text(Path(out), page)
     return page
 
+
+
+def _score_split(inputs, langs, captioner, split, references, bootstrap, search, limit, report):
+    """`evaluate_packs` on the split (inputs: its one folder) -> (scores, the gallery's first `limit` images)."""
+    from toolkit.data import read_split
+    from toolkit.score import evaluate_packs
+
+    inputs = [Path(p) for p in inputs]
+    if len(inputs) != 1 or not inputs[0].is_dir():
+        raise CapkitError("--split needs --images to be the one folder that holds the split's images",
+                          hint="drop --split to caption a list of files")
+    images_dir = inputs[0]
+    report("stage", name="evaluate")
+    scores = evaluate_packs(langs, captioner.packs_dir, images_dir, split, references, bootstrap=bootstrap, report=report,
+                            captioner=captioner, **search)
+    by_lang = {e["lang"]: e["captions"] for e in scores}
+    ids_by_lang = {e["lang"]: e["caption_ids"] for e in scores}
+    names = [n for n in dict.fromkeys(read_split(split)) if any(n in c for c in by_lang.values())]
+    shown = [(str(images_dir / n), n, {lang: by_lang[lang].get(n) for lang in langs},
+              {lang: ids_by_lang[lang].get(n) for lang in langs}) for n in names[:limit]]
+    return scores, shown
+
+
+def _caption_files(inputs, langs, captioner, search, limit, skipped, report):
+    """The first `limit` images of `inputs` captioned -> the gallery's images; the unreadable go to `skipped`."""
+    from toolkit.captioner import caption_images
+    from toolkit.images import list_images
+
+    paths = list_images(inputs)
+    if not paths:
+        raise CapkitError(f"no images found in {', '.join(map(str, inputs))}")
+    report("stage", name="caption")
+    caps = caption_images(paths[:limit], langs, captioner.packs_dir, report=report, captioner=captioner, **search)
+    skipped.update(caps.failures)
+    per_image: dict[str, dict[str, str | None]] = {}
+    ids_per_image: dict[str, dict[str, list[int]]] = {}
+    for r in caps.rows:
+        per_image.setdefault(r["image"], {})[r["lang"]] = r["caption"]
+        ids_per_image.setdefault(r["image"], {})[r["lang"]] = r["ids"]
+    return [(p, Path(p).name, c, ids_per_image[p]) for p, c in per_image.items()]
+
+
+def _meta(manifests, inputs, rows, split, references, beam, length_penalty, no_repeat_ngram) -> dict[str, str]:
+    """The facts at the top of the page: packs, encoder, images, split, references, search, when."""
+    from toolkit import __version__
+
+    meta = {
+        "packs": ", ".join(f"{lang} {m['pack_version']}" for lang, m in manifests.items()),
+        "encoder": ", ".join(sorted({m["encoder"]["id"] for m in manifests.values()})),
+        "images": ", ".join(map(str, inputs)) + (f" ({len(rows)} shown)" if rows else ""),
+    }
+    if split:
+        meta["split"] = str(split)
+    meta["references"] = str(references) if references else ("each pack's references.txt" if split else "none")
+    meta["search"] = f"beam {beam}, length penalty {length_penalty:g}, no repeated {no_repeat_ngram}-grams" \
+        if no_repeat_ngram else f"beam {beam}, length penalty {length_penalty:g}"
+    meta["made"] = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by capkit {__version__}"
+    return meta
 
 # -- rendering ---------------------------------------------------------------------
 
