@@ -116,3 +116,13 @@ def test_caption_images_is_the_captioner_on_a_folder(tiny_packs, tiny_dataset, c
     out = caption_images([tiny_dataset["images"]], ["en", "zh"], tiny_packs, beam=2, captioner=captioner)
     batch = captioner.caption(sorted(tiny_dataset["images"].iterdir()), ["en", "zh"], SearchConfig(beam=2))
     assert out.rows == batch.rows() and out.failures == {}
+
+
+def test_threads_sharing_a_captioner_get_what_one_thread_gets(captioner, images):
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [images[i:] for i in range(4)]
+    alone = [captioner.caption(j, search=SearchConfig(beam=1)).rows() for j in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda j: captioner.caption(j, search=SearchConfig(beam=1)).rows(), jobs))
+    assert together == alone

@@ -12,6 +12,7 @@ through it; none of them builds an encoder or loads a pack itself.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,8 @@ class Captioner:
     built the first time a caption needs it and kept, so a long-lived
     captioner (a server) pays for them once. `load()` builds them all now.
     Packs on different encoders may sit in one captioner: each image then
-    goes through each encoder once.
+    goes through each encoder once. Threads may share one: captions are made
+    one call at a time (the encoder's cache takes one writer), the others wait.
     """
 
     def __init__(self, packs_dir: Path, langs: Sequence[str] = ("all",)):
@@ -78,6 +80,7 @@ class Captioner:
         self.manifests: dict[str, dict] = {lang: load_manifest(find_pack(self.packs_dir, lang)) for lang in self.langs}
         self._encoders: dict[str, object] = {}
         self._packs: dict[str, LoadedPack] = {}
+        self._lock = threading.RLock()
 
     def encoder_id(self, lang: str) -> str:
         return self.manifests[lang]["encoder"]["id"]
@@ -91,17 +94,19 @@ class Captioner:
         from toolkit.encoder import Encoder
 
         eid = self.encoder_id(lang)
-        if eid not in self._encoders:
-            self._encoders[eid] = Encoder.load(self.packs_dir, eid)
-        return self._encoders[eid]
+        with self._lock:
+            if eid not in self._encoders:
+                self._encoders[eid] = Encoder.load(self.packs_dir, eid)
+            return self._encoders[eid]
 
     def pack(self, lang: str) -> LoadedPack:
         """`lang`'s decoder and tokenizer, checked against its encoder."""
         if lang not in self.manifests:
             raise CapkitError(f"no {lang!r} pack in this captioner (it holds {', '.join(self.langs)})")
-        if lang not in self._packs:
-            self._packs[lang] = load_pack(self.packs_dir, lang, self.encoder_id(lang))
-        return self._packs[lang]
+        with self._lock:
+            if lang not in self._packs:
+                self._packs[lang] = load_pack(self.packs_dir, lang, self.encoder_id(lang))
+            return self._packs[lang]
 
     def load(self) -> "Captioner":
         """Build every encoder and decoder now rather than at the first caption."""
@@ -131,9 +136,6 @@ class Captioner:
         image that cannot be read gets its `error` and no captions; the others
         are captioned.
         """
-        from toolkit.generate import beam_search_batched
-        from toolkit.tokenizer import BOS_ID, EOS_ID
-
         if search.beam < 1:
             raise CapkitError(f"beam must be at least 1, not {search.beam}")
         report = report or Report()
@@ -145,35 +147,44 @@ class Captioner:
         labels = [im if isinstance(im, ImageBytes) else str(im) for im in images]
         out = [ImageCaptions(im.name if isinstance(im, ImageBytes) else label) for im, label in zip(images, labels)]
         seconds = {"encode": 0.0, "decode": 0.0}
-        for eid in self.encoder_ids(langs):
-            t0 = time.perf_counter()
-            group = [lang for lang in langs if self.encoder_id(lang) == eid]
-            encoder = self.encoder(group[0])
-            ex = encoder.extract(labels, progress=lambda d, t: report("progress", stage="encode", done=d, total=t),
-                                 max_pixels=max_pixels, grid=self.needs_grid(eid))
-            t1 = time.perf_counter()
-            for im, label in zip(out, labels):
-                if label in ex.failures and im.error is None:
-                    im.error = ex.failures[label]
-                im.key = ex.keys.get(label)
-            keys = list(dict.fromkeys(ex.keys[label] for label in labels if label in ex.keys))
-            pooled = encoder.features(keys) if keys else None
-            for lang in group:
-                pack = self.pack(lang)
-                feats = encoder.features_view(keys, grid=True) if pack.needs_grid else pooled
-                ids = beam_search_batched(pack.step, feats, BOS_ID, EOS_ID, search.beam, pack.manifest["decoder"]["max_length"],
-                                          search.length_penalty, search.no_repeat_ngram) if keys else []
-                by_key = {k: PackCaption(lang, text, c, pack.manifest["pack_version"])
-                          for k, text, c in zip(keys, pack.tokenizer.decode(ids), ids)}
-                for im in out:
-                    if im.key in by_key:
-                        im.captions[lang] = by_key[im.key]
-            seconds["encode"] += t1 - t0
-            seconds["decode"] += time.perf_counter() - t1
+        with self._lock:
+            for eid in self.encoder_ids(langs):
+                group = [lang for lang in langs if self.encoder_id(lang) == eid]
+                self._caption_with(eid, group, labels, out, search, max_pixels, report, seconds)
         for im in out:
             if im.error is not None:  # unreadable for one encoder: skipped, like every unreadable image
                 im.captions, im.key = {}, None
         return CaptionBatch(out, seconds)
+
+    def _caption_with(self, eid: str, group: list[str], labels: list, out: list[ImageCaptions], search: SearchConfig,
+                      max_pixels: int, report: Report, seconds: dict[str, float]) -> None:
+        """`caption`'s work for the packs `group` on encoder `eid`: one extraction, then one search per pack."""
+        from toolkit.generate import beam_search_batched
+        from toolkit.tokenizer import BOS_ID, EOS_ID
+
+        t0 = time.perf_counter()
+        encoder = self.encoder(group[0])
+        ex = encoder.extract(labels, progress=lambda d, t: report("progress", stage="encode", done=d, total=t),
+                             max_pixels=max_pixels, grid=self.needs_grid(eid))
+        t1 = time.perf_counter()
+        for im, label in zip(out, labels):
+            if label in ex.failures and im.error is None:
+                im.error = ex.failures[label]
+            im.key = ex.keys.get(label)
+        keys = list(dict.fromkeys(ex.keys[label] for label in labels if label in ex.keys))
+        pooled = encoder.features(keys) if keys else None
+        for lang in group:
+            pack = self.pack(lang)
+            feats = encoder.features_view(keys, grid=True) if pack.needs_grid else pooled
+            ids = beam_search_batched(pack.step, feats, BOS_ID, EOS_ID, search.beam, pack.manifest["decoder"]["max_length"],
+                                      search.length_penalty, search.no_repeat_ngram) if keys else []
+            by_key = {k: PackCaption(lang, text, c, pack.manifest["pack_version"])
+                      for k, text, c in zip(keys, pack.tokenizer.decode(ids), ids)}
+            for im in out:
+                if im.key in by_key:
+                    im.captions[lang] = by_key[im.key]
+        seconds["encode"] += t1 - t0
+        seconds["decode"] += time.perf_counter() - t1
 
 
 @dataclass
