@@ -52,12 +52,12 @@ def test_grid_features_are_cached_and_average_to_the_pooled_ones(tiny_encoder, t
 
 
 def test_grid_features_stay_in_memory_when_the_cache_is_read_only(tiny_encoder, tmp_path, monkeypatch):
-    import toolkit.encoder
+    import toolkit.features
 
     def refuse(path, data, keep):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(toolkit.encoder, "_append", refuse)
+    monkeypatch.setattr(toolkit.features, "_append", refuse)
     paths = photos(tmp_path / "imgs", 3)
     enc = encoder_with_cache(tiny_encoder, tmp_path / "enc")
     ex = enc.extract(paths, grid=True)
