@@ -52,12 +52,12 @@ def test_grid_features_are_cached_and_average_to_the_pooled_ones(tiny_encoder, t
 
 
 def test_grid_features_stay_in_memory_when_the_cache_is_read_only(tiny_encoder, tmp_path, monkeypatch):
-    import toolkit.encoder
+    import toolkit.features
 
     def refuse(path, data, keep):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(toolkit.encoder, "_append", refuse)
+    monkeypatch.setattr(toolkit.features, "_append", refuse)
     paths = photos(tmp_path / "imgs", 3)
     enc = encoder_with_cache(tiny_encoder, tmp_path / "enc")
     ex = enc.extract(paths, grid=True)
@@ -273,7 +273,7 @@ def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tin
 def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
     import sys
 
-    import toolkit.pipeline
+    import toolkit.build
     from toolkit.cli import main
     from toolkit.errors import CapkitError
 
@@ -283,7 +283,7 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
         got.append(decoder_config.architecture)
         raise CapkitError("stopped here")
 
-    monkeypatch.setattr(toolkit.pipeline, "build_pack", fake_build)
+    monkeypatch.setattr(toolkit.build, "build_pack", fake_build)
     base = ["capkit", "build-pack", "en", "--captions", str(tiny_dataset["captions_en"]), "--images",
             str(tiny_dataset["images"]), "--train-split", str(tiny_dataset["train"]), "--dev-split", str(tiny_dataset["dev"]),
             "--packs-dir", str(tmp_path)]

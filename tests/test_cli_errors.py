@@ -215,9 +215,10 @@ def raising(exc):
 
 @pytest.mark.parametrize("command", ["caption", "build-pack"])
 def test_ctrl_c_exits_130_and_says_how_to_resume(command, tmp_path, tiny_dataset, monkeypatch, capsys):
-    import toolkit.pipeline
+    import toolkit.build
+    import toolkit.captioner
 
-    monkeypatch.setattr(toolkit.pipeline, {"caption": "caption_images", "build-pack": "build_pack"}[command],
+    monkeypatch.setattr(*{"caption": (toolkit.captioner, "caption_images"), "build-pack": (toolkit.build, "build_pack")}[command],
                         raising(KeyboardInterrupt()))
     argv = {
         "caption": ["caption", tiny_dataset["images"], "--lang", "en", "--packs-dir", tmp_path],
@@ -245,10 +246,10 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_faults_become_messages(fault, tiny_dataset, tmp_path, monkeypatch, capsys):
-    import toolkit.pipeline
+    import toolkit.captioner
 
     exc, want_code, message, hint = FAULTS[fault]
-    monkeypatch.setattr(toolkit.pipeline, "caption_images", raising(exc))
+    monkeypatch.setattr(toolkit.captioner, "caption_images", raising(exc))
     argv = ["caption", tiny_dataset["images"], "--lang", "en", "--packs-dir", tmp_path]
     code, out, err = capkit(monkeypatch, capsys, *argv)
     assert code == want_code

@@ -84,6 +84,36 @@ def test_empty_batch():
     assert beam_search(TableModel([]), np.zeros((0,)), BOS, EOS, beam=3) == []
 
 
+
+def test_batched_search_in_chunks_equals_one_search_over_all():
+    from toolkit.generate import beam_search_batched
+
+    feats = np.array([0, 1] * 5)
+    whole = beam_search(TableModel([TABLE_0, TABLE_1] * 5), feats, BOS, EOS, beam=2)
+    m = TableModel([TABLE_0, TABLE_1] * 5)
+    assert beam_search_batched(m, feats, BOS, EOS, 2, 40, batch=3) == whole == [[4, 7], [6]] * 5
+    assert beam_search_batched(m, feats[:0], BOS, EOS, 2, 40) == []
+
+
+def test_batched_search_reads_a_feature_view_one_chunk_at_a_time():
+    """The grids of a big folder never sit in memory at once: each chunk is read when its search starts."""
+    from toolkit.encoder import FeatureView
+    from toolkit.generate import beam_search_batched
+
+    rows = {f"k{i}": np.array([i % 2]) for i in range(7)}
+    reads = []
+
+    def read(keys):
+        reads.append(list(keys))
+        return np.stack([rows[k] for k in keys])
+
+    view = FeatureView(read, list(rows), (1,))
+    np.testing.assert_array_equal(view[2:5], [[0], [1], [0]])
+    reads.clear()
+    out = beam_search_batched(TableModel([TABLE_0, TABLE_1]), view, BOS, EOS, 2, 40, batch=3)
+    assert out == [[4, 7], [6]] * 3 + [[4, 7]]
+    assert [len(r) for r in reads] == [3, 3, 1]
+
 @pytest.mark.parametrize("beam", [1, 2, 4])
 def test_keras_step_model_agrees_with_the_full_sequence_model(beam):
     """Stepping the LSTM with carried state gives the same logits as the teacher-forced pass."""

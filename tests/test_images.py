@@ -280,12 +280,12 @@ def test_extract_skips_each_bad_file_once_and_caches_the_rest(tiny_encoder, tmp_
 
 
 def test_read_only_cache_keeps_features_in_memory(tiny_encoder, tmp_path, monkeypatch):
-    import toolkit.encoder
+    import toolkit.features
 
     def refuse(path, data, keep):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(toolkit.encoder, "_append", refuse)
+    monkeypatch.setattr(toolkit.features, "_append", refuse)
     paths = photos(tmp_path, 5)
     enc = encoder_with_cache(tiny_encoder, tmp_path / "enc")
     ex = enc.extract(paths)
@@ -333,10 +333,10 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_failed_cache_write_leaves_a_consistent_cache_the_next_run_completes(fault, tiny_encoder, tmp_path, monkeypatch):
-    import toolkit.encoder
+    import toolkit.features
 
     target, written, exc = FAULTS[fault]
-    real = toolkit.encoder._append
+    real = toolkit.features._append
     calls = []
 
     def append(path, data, keep):
@@ -349,7 +349,7 @@ def test_failed_cache_write_leaves_a_consistent_cache_the_next_run_completes(fau
     paths = photos(tmp_path, 10)
     enc = encoder_with_cache(tiny_encoder, tmp_path / "enc")
     with monkeypatch.context() as m:
-        m.setattr(toolkit.encoder, "_append", append)
+        m.setattr(toolkit.features, "_append", append)
         if isinstance(exc, OSError):
             with pytest.raises(CapkitError) as err:
                 enc.extract(paths)

@@ -333,13 +333,13 @@ def test_no_code_executing_loader_anywhere_in_toolkit():
 # -- atomic writes --------------------------------------------------------------
 
 def test_build_killed_between_files_leaves_the_old_pack(packs_copy, tiny_dataset, monkeypatch):
-    import toolkit.pipeline as pipeline
+    import toolkit.build as build
     from toolkit.pipeline import caption_images
 
     images = sorted(tiny_dataset["images"].iterdir())[:6]
     manifest_before = (packs_copy / "en" / MANIFEST_FILE).read_bytes()
     captions_before = caption_images(images, ["en"], packs_copy, beam=1).rows
-    real_write, calls = pipeline.write_captions, []
+    real_write, calls = build.write_captions, []
 
     def dies_on_second_file(*args, **kwargs):  # captions.txt is written; the kill comes before references.txt
         calls.append(args[0])
@@ -347,7 +347,7 @@ def test_build_killed_between_files_leaves_the_old_pack(packs_copy, tiny_dataset
             raise KeyboardInterrupt
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "write_captions", dies_on_second_file)
+    monkeypatch.setattr(build, "write_captions", dies_on_second_file)
     with pytest.raises(KeyboardInterrupt):
         build_tiny_pack("en", tiny_dataset, packs_copy, pack_version="2.0.0", train=dict(epochs=1))
     assert len(calls) == 2

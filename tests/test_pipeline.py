@@ -173,11 +173,11 @@ def test_evaluate_all_skips_packs_without_references(tiny_packs, tiny_dataset, t
 @pytest.mark.parametrize("architecture", ["lstm", "attention"])
 def test_training_from_the_memory_map_matches_training_from_memory(tiny_dataset, tmp_path, monkeypatch, architecture):
     """Above a size threshold features are read batch by batch from the cache's memory map; same losses."""
-    import toolkit.pipeline as pipeline
+    import toolkit.build as build
 
     dense = build_tiny_pack("en", tiny_dataset, tmp_path / "a", train=dict(epochs=2),
                             decoder=dict(architecture=architecture))
-    monkeypatch.setattr(pipeline, "IN_MEMORY_FEATURES_BYTES", 0)
+    monkeypatch.setattr(build, "IN_MEMORY_FEATURES_BYTES", 0)
     lazy = build_tiny_pack("en", tiny_dataset, tmp_path / "b", train=dict(epochs=2),
                            decoder=dict(architecture=architecture))
     a = [h["loss"] for h in json.loads((dense.pack_dir / "history.json").read_text())]

@@ -229,7 +229,7 @@ def build_pack(
         raise CapkitError(f"--label-smoothing must be in [0, 1), not {label_smoothing}")
     split_files = None
     if splits:
-        from toolkit.pipeline import find_split_files
+        from toolkit.build import find_split_files
 
         split_files = find_split_files(splits)
     elif train_split and dev_split:
@@ -240,7 +240,8 @@ def build_pack(
         raise CapkitError("give both --train-split and --dev-split", hint="or no split flag: capkit then finds or makes the split")
     from toolkit.data import parse_split_ratios
     from toolkit.layout import plan_data
-    from toolkit.pipeline import Report, build_pack as run
+    from toolkit.build import build_pack as run
+    from toolkit.progress import Report
 
     plan = plan_data(data=data, captions=captions, images=images, split_files=split_files,
                      ratios=parse_split_ratios(split_ratios) if split_ratios else None, seed=split_seed,
@@ -312,7 +313,8 @@ def caption(
         code == "all" or _check_lang(code)
     search = _search_options(beam, length_penalty, no_repeat_ngram)
     _at_least("--max-pixels", max_pixels, 1)
-    from toolkit.pipeline import Report, caption_images
+    from toolkit.captioner import caption_images
+    from toolkit.progress import Report
 
     out = caption_images(inputs, lang, _packs_dir(packs_dir), max_pixels=max_pixels,
                          report=Report(_Progress(quiet=True)), **search)
@@ -356,7 +358,8 @@ def evaluate(
     for code in lang:
         code == "all" or _check_lang(code)
     from toolkit.evaluate import REPEAT_ORDER, format_table
-    from toolkit.pipeline import Report, evaluate_packs
+    from toolkit.progress import Report
+    from toolkit.score import evaluate_packs
 
     results = evaluate_packs(lang, _packs_dir(packs_dir), images, split, references, bootstrap=bootstrap,
                              report=Report(_Progress(quiet=True)), **search)
@@ -394,7 +397,7 @@ def report_cmd(
     search = _search_options(beam, length_penalty, no_repeat_ngram)
     for code in lang:
         code == "all" or _check_lang(code)
-    from toolkit.pipeline import Report
+    from toolkit.progress import Report
     from toolkit.report import build_report
 
     page = build_report(images, lang, _packs_dir(packs_dir), references=references, split=split,
@@ -421,7 +424,7 @@ def translate(
     _check_lang(lang)
     _check_lang(source_lang)
     from toolkit.data import read_captions, write_captions
-    from toolkit.pipeline import CACHE_DIR, TRANSLATION_CACHE_FILE
+    from toolkit.build import CACHE_DIR, TRANSLATION_CACHE_FILE
     from toolkit.translate import translate_captions, write_quality_report
 
     src = read_captions(captions)
@@ -589,7 +592,7 @@ def packs_import(
     packs_dir: Optional[Path] = PacksDir,
 ):
     """Check a .cappack completely, then install it in one swap."""
-    from toolkit.pipeline import Report
+    from toolkit.progress import Report
     from toolkit.share import import_pack
 
     r = import_pack(archive, _packs_dir(packs_dir), force=force, max_bytes=max_size_mb * 2**20,
@@ -611,7 +614,7 @@ def packs_install(
 ):
     """Download (size and sha256 checked, resumed if cut), check like `import`, install."""
     from toolkit.index import install
-    from toolkit.pipeline import Report
+    from toolkit.progress import Report
 
     progress = _Progress()
     r = install(source, _packs_dir(packs_dir), index=index, force=force, max_bytes=max_size_mb * 2**20,

@@ -1,4 +1,4 @@
-"""The shared Xception encoder and its on-disk feature cache.
+"""The shared Xception encoder and its on-disk feature caches (kept by `toolkit.features`).
 
 One encoder serves every pack. Its identity is a digest of its weights and
 input size, so packs can insist on the exact encoder they were trained with.
@@ -31,13 +31,14 @@ import numpy as np
 
 from toolkit.config import EncoderConfig
 from toolkit.errors import CapkitError
-from toolkit.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from toolkit.features import (  # noqa: F401  (the cache's names, importable here as before)
+    FEATURES_FILE, FEATURES_INDEX_FILE, CacheWriteError, FeatureCache, FeatureView, image_key,
+)
+from toolkit.images import DEFAULT_MAX_PIXELS, ImageBytes, ImageError, decode_image
 
 ENCODERS_DIR = ".encoders"
 ENCODER_FILE = "encoder.json"
 ENCODER_WEIGHTS_FILE = "encoder.weights.h5"
-FEATURES_FILE = "features.f16"
-FEATURES_INDEX_FILE = "features.idx"
 FEATURES_DIR = "features"
 GRID_DIR = "grid"           # inside FEATURES_DIR: the spatial feature maps
 ENCODER_FORMAT = "capkit-encoder v1"
@@ -54,107 +55,6 @@ ENCODER_ID = re.compile(r"[a-z0-9]+-[0-9]+-[0-9a-f]{12}")  # "xception-299-1a2b3
 IMAGENET_DIGESTS = frozenset({"dd8fa9fc31ba124382395512a133fe425aa5c6667b16e5832bb79910d1b77829"})
 
 
-class CacheWriteError(CapkitError):
-    """The feature cache could not be written; `errno` says why (ENOSPC, EACCES, ...)."""
-
-    def __init__(self, message: str, hint: str | None = None, error_number: int | None = None):
-        super().__init__(message, hint)
-        self.errno = error_number
-
-
-def image_key(data: bytes) -> str:
-    """Cache key of an image: its content, not its name (renames and copies still hit)."""
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
-class FeatureCache:
-    """Append-only float16 feature rows with a key index, read memory-mapped.
-
-    Rows are written first and their keys after, both flushed to disk, so a
-    crash or a full disk leaves at worst rows without keys or a cut-off key
-    line; a failed writer cuts both files back, and every writer first cuts
-    them to the rows that have keys. `get` returns float32 rows divided by `scale`.
-    """
-
-    def __init__(self, root: Path, dim: int, scale: float = 1.0):
-        self.root, self.dim, self.scale = Path(root), dim, scale
-        self.rows = self.root / FEATURES_FILE
-        self.index = self.root / FEATURES_INDEX_FILE
-        self._keys: dict[str, int] = {}
-        self._mmap = None
-        self.refresh()
-
-    def refresh(self) -> None:
-        keys: list[str] = []
-        if self.index.exists():
-            # One char per byte (ascii, errors replaced), so lengths below are byte offsets.
-            text = self.index.read_text(encoding="ascii", errors="replace")
-            keys = text.split("\n")[:-1]  # a last line without "\n" was cut short
-        n_rows = self.rows.stat().st_size // (2 * self.dim) if self.rows.exists() else 0
-        keys = keys[:n_rows]
-        self._keys = {k: i for i, k in enumerate(keys)}
-        self._n = len(keys)
-        self._index_bytes = sum(len(k) + 1 for k in keys)
-        self._mmap = None
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._keys
-
-    def __len__(self) -> int:
-        return self._n
-
-    def get(self, keys: list[str]) -> np.ndarray:
-        if self._mmap is None and self._n:
-            self._mmap = np.memmap(self.rows, dtype=np.float16, mode="r", shape=(self._n, self.dim))
-        idx = [self._keys[k] for k in keys]
-        if not idx:
-            return np.zeros((0, self.dim), np.float32)
-        return np.asarray(self._mmap[idx], dtype=np.float32) / self.scale
-
-    def add(self, keys: list[str], feats: np.ndarray) -> None:
-        import fcntl
-
-        rows = np.asarray(feats * self.scale, dtype=np.float16)
-        if not np.isfinite(rows).all():
-            raise CapkitError("encoder features overflow float16; the encoder's feature scale is wrong")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with open(self.root / ".lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # several processes may extract into one cache
-                self.refresh()
-                n_rows, n_index = self._n * 2 * self.dim, self._index_bytes
-                try:
-                    # Each write first cuts its file to the keyed rows: what a crashed writer left goes.
-                    _append(self.rows, rows.tobytes(), n_rows)
-                    _append(self.index, "".join(k + "\n" for k in keys).encode("ascii"), n_index)
-                except BaseException:  # a full disk or Ctrl-C mid-write: back to the last whole state
-                    for path, size in ((self.index, n_index), (self.rows, n_rows)):
-                        try:
-                            os.truncate(path, size)
-                        except OSError:
-                            pass  # the next writer cuts it
-                    raise
-                finally:
-                    self.refresh()
-        except OSError as e:
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise CacheWriteError(
-                f"{self.root}: cannot write features ({e.strerror or e}); the {self._n} already cached are kept",
-                hint="free some disk space and run the same command again; it resumes" if full
-                else "run the same command again once the folder is writable; it resumes",
-                error_number=e.errno,
-            ) from None
-
-
-def _append(path: Path, data: bytes, keep: int) -> None:
-    """Cut `path` to `keep` bytes, append `data` and flush it to disk."""
-    with open(path, "ab") as f:
-        f.truncate(keep)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 @dataclass
 class Extraction:
     """What `Encoder.extract` did: image path -> cache key, and the failures."""
@@ -168,34 +68,6 @@ class Extraction:
     @property
     def images_per_second(self) -> float:
         return self.n_extracted / self.seconds if self.seconds > 0 else 0.0
-
-
-class FeatureView:
-    """Features of some images, read from the cache's memory map only when indexed.
-
-    `view[[3, 0, 7]]` gives those rows as float32; nothing is loaded up front,
-    so a train split whose features exceed RAM (COCO's grids) still trains.
-    `decoder.train_decoder` accepts it wherever it takes an array.
-    """
-
-    def __init__(self, read: Callable[[list[str]], np.ndarray], keys: list[str], row_shape: tuple[int, ...]):
-        self.keys = list(keys)
-        self._read = read
-        self.shape = (len(self.keys), *row_shape)
-        self.dtype = np.dtype(np.float32)
-        self.nbytes = int(np.prod(self.shape)) * 4
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, idx) -> np.ndarray:
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        return self._read([self.keys[i] for i in idx]).reshape(len(idx), *self.shape[1:])
-
-    def chunks(self, size: int = 512):
-        """Consecutive blocks of rows, for statistics over all of them."""
-        for i in range(0, len(self), size):
-            yield self[np.arange(i, min(i + size, len(self)))]
 
 
 class Encoder:
@@ -292,12 +164,16 @@ class Encoder:
 
     def extract(
         self,
-        paths: list[str | Path],
+        paths: list[str | Path | ImageBytes],
         progress: Callable[[int, int], None] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         grid: bool = False,
     ) -> Extraction:
         """Features of every readable image in `paths`, cached; bad files are reported, not fatal.
+
+        `keys` and `failures` are by path (as a string); an `ImageBytes` in
+        `paths` (an image in memory) is keyed by itself and named in messages
+        by its `name`.
 
         `grid=True` caches the spatial feature maps too (`grid_features`); an
         image counts as cached only when everything asked for is. Images whose
@@ -309,23 +185,26 @@ class Encoder:
         waiting; batches are padded to one shape so the graph is traced once.
         """
         out = Extraction()
-        paths = [str(p) for p in paths]
+        paths = [p if isinstance(p, ImageBytes) else str(p) for p in paths]
         start = time.perf_counter()
         bs = self.config.batch_size
         batch_keys: list[str] = []
         batch_imgs: list[np.ndarray] = []
         pending: set[str] = set()
 
-        def work(p: str):
-            try:
-                data = Path(p).read_bytes()
-            except OSError as e:
-                return p, None, ImageError(f"{p}: cannot read ({e.strerror or e})")
+        def work(p: str | ImageBytes):
+            if isinstance(p, ImageBytes):
+                data, name = p.data, p.name
+            else:
+                try:
+                    data, name = Path(p).read_bytes(), p
+                except OSError as e:
+                    return p, None, ImageError(f"{p}: cannot read ({e.strerror or e})")
             key = image_key(data)
             if self._has(key, grid):
                 return p, key, None
             try:
-                return p, key, decode_image(data, self.config.image_size, p, max_pixels)
+                return p, key, decode_image(data, self.config.image_size, name, max_pixels)
             except ImageError as e:
                 return p, None, e
 

@@ -143,6 +143,19 @@ def beam_search(
     return out
 
 
+def beam_search_batched(step, feats, bos, eos, beam, max_length, length_penalty=0.0, no_repeat_ngram=0, batch=64):
+    """Beam search in chunks of `batch` images, so memory stays flat on big folders.
+
+    `feats` is an array or anything sliceable into arrays (`Encoder.features_view`). A `KerasStepModel` runs the compiled search (one TensorFlow call per
+    chunk); any other `StepModel` the numpy reference, which picks the same ids.
+    """
+    search = getattr(step, "search", None) or (lambda f, *a: beam_search(step, f, *a))
+    out = []
+    for i in range(0, len(feats), batch):
+        out += search(feats[i : i + batch], bos, eos, beam, max_length, length_penalty, no_repeat_ngram)
+    return out
+
+
 def _ban_repeats(logp: np.ndarray, seqs: np.ndarray, n: int, finished: np.ndarray) -> None:
     for r in range(len(seqs)):
         if finished[r]:

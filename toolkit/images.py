@@ -8,6 +8,7 @@ against decompression bombs. Every failure is an `ImageError` naming the file.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,17 @@ DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; Pillow's own default is 89M and o
 
 class ImageError(CapkitError):
     """One image could not be used; extraction reports it and goes on."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageBytes:
+    """An encoded image held in memory (an upload), with the name its errors and results go by.
+
+    Compared by identity, not content: two uploads may share a name, or bytes.
+    """
+
+    name: str     # shown in messages and results: "upload.jpg", "request 3, image 2"
+    data: bytes   # the file's bytes, any format `decode_image` reads
 
 
 def list_images(inputs: list[str | Path]) -> list[Path]:

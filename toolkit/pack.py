@@ -23,8 +23,10 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.config import DecoderConfig, from_dict
 from toolkit.errors import CapkitError
 
 MANIFEST_FILE = "manifest.json"
@@ -187,3 +189,54 @@ def verify_files(pack_dir: Path, manifest: dict) -> list[str]:
         if not p.is_file() or file_sha256(p) != digest:
             bad.append(name)
     return bad
+
+
+# -- loading a pack to caption with ----------------------------------------------
+
+@dataclass
+class LoadedPack:
+    """A pack ready to caption (`load_pack`): its manifest, tokenizer and decoder behind the search interface."""
+
+    lang: str
+    dir: Path
+    manifest: dict
+    tokenizer: object
+    step: object  # a KerasStepModel; its `decoder` is the Keras model
+
+    @property
+    def needs_grid(self) -> bool:
+        """Whether the decoder reads feature grids (`Encoder.grid_features`) rather than pooled features."""
+        return architecture(self.manifest) == "attention"
+
+
+def architecture(manifest: dict) -> str:
+    """The manifest's decoder architecture; packs from before the field are "lstm" (see config.ADDED_FIELDS)."""
+    return from_dict(DecoderConfig, manifest["decoder"]).architecture
+
+
+def load_pack(packs_dir: Path, lang: str, encoder_id: str | None = None) -> LoadedPack:
+    """A pack ready to caption; refused when `encoder_id` differs from the one it was trained with."""
+    from toolkit.decoder import load_decoder
+    from toolkit.generate import KerasStepModel
+    from toolkit.tokenizer import Tokenizer
+
+    folder = find_pack(packs_dir, lang)
+    m = load_manifest(folder)
+    if encoder_id and m["encoder"]["id"] != encoder_id:
+        raise CapkitError(
+            f"pack {lang} was trained with encoder {m['encoder']['id']}, not {encoder_id}",
+            hint="a decoder only understands the features of its own encoder; rebuild the pack for this encoder",
+        )
+    cfg = from_dict(DecoderConfig, m["decoder"])
+    model = load_decoder(cfg, folder / DECODER_WEIGHTS_FILE)
+    return LoadedPack(lang, folder, m, Tokenizer.load(folder / TOKENIZER_FILE), KerasStepModel(model))
+
+
+def resolve_langs(packs_dir: Path, langs: list[str]) -> list[str]:
+    """The languages `langs` asks for, in order, once each: ["en", "en", "zh"] -> ["en", "zh"]; "all" is every installed pack."""
+    if "all" in langs:
+        have = list(installed_packs(packs_dir))
+        if not have:
+            raise CapkitError(f"no packs installed in {packs_dir}", hint="build one with `capkit build-pack`")
+        return have
+    return list(dict.fromkeys(langs))

@@ -1,0 +1,47 @@
+"""A pack's model card (`MODEL_CARD_FILE`, README.md): the manifest in words, for a person deciding whether to use the pack.
+
+It is written from the manifest alone, so a card can be rewritten for any installed pack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolkit.pack import MODEL_CARD_FILE, architecture, atomic_write_text
+
+
+def write_model_card(folder: Path, m: dict) -> None:
+    """`folder`/README.md: what the pack of manifest `m` is, how it was trained, its scores and limits."""
+    d, t, dc, tc = m["data"], m["training"], m["decoder"], m["train"]
+    kind = "LSTM decoder attending over the feature grid of the" if architecture(m) == "attention" else "LSTM decoder over the"
+    lines = [
+        f"# capkit language pack: {m['lang']}", "",
+        f"Image captions in `{m['lang']}` from a {m['decoder']['units']}-unit {kind} shared "
+        f"{m['encoder']['name']} encoder `{m['encoder']['id']}` (weights: {m['encoder']['source']}).", "",
+        "## Data",
+        f"- captions: `{d['captions']}` ({d['source_lang']}), translator: {d['translator']}",
+        f"- images: {d['n_train_images']} train, {d['n_dev_images']} dev, {d['n_test_images']} test "
+        f"({d['n_missing_images']} missing, {d['n_unreadable_images']} unreadable); {d['n_train_captions']} train captions",
+        f"- tokenizer: SentencePiece {m['tokenizer']['type'].removeprefix('sentencepiece-')}, "
+        f"{m['tokenizer']['vocab_size']} pieces, trained on the train split only", "",
+        "## Training",
+        f"- {dc['architecture']} decoder: embeddings {dc['embed_dim']}, LSTM {dc['units']}, dropout {dc['dropout']}; "
+        f"Adam from {tc['learning_rate']} ({tc['lr_schedule']}), gradient norm clipped at {tc['clipnorm'] or 'none'}, "
+        f"label smoothing {tc['label_smoothing']}, batches of {tc['batch_size']}, seed {tc['seed']}",
+        f"- {t['epochs_run']} epochs (best {t['best_epoch']}, dev loss {t['best_dev_loss']:.3f}), {t['seconds']} s on {t['hardware']}", "",
+        "## Scores (corpus BLEU, 0-100)", "",
+        "| split | system | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |", "|---|---|---|---|---|---|",
+    ]
+    sig = ""
+    for split, systems in m["scores"].items():
+        for name, r in systems.items():
+            lines.append(f"| {split} | {name} | {r['bleu1']:.1f} | {r['bleu2']:.1f} | {r['bleu3']:.1f} | {r['bleu4']:.1f} |")
+            sig = r["signature"]
+    lines += ["", f"Signature: `{sig}`. `retrieval` is the first train caption of the most similar train image; "
+              "`constant` is the most frequent train caption for every image.", "",
+              "## Known limits",
+              "- Trained on the images and captions above only; expect generic captions for scenes unlike them.",
+              "- Machine-translated training captions carry the translator's errors." if "none" not in d["translator"] else
+              "- Scores are against references from the same source as the training captions.",
+              ]
+    atomic_write_text(folder / MODEL_CARD_FILE, "\n".join(lines) + "\n")
