@@ -100,18 +100,16 @@ def step_flops(cfg, n_captions: int, n_images: int, padded_len: int, grid_cells:
 
 
 def batch_shapes(seqs, batch: int, max_length: int, by_image: bool, seed: int = 0) -> tuple[float, float]:
-    """Mean (padded length, distinct images) of one epoch's batches, batched as `training_dataset` does."""
+    """Mean (padded length, distinct images) of one epoch's batches, planned as `training_dataset` plans them."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    lengths = np.minimum(np.array([len(t) + 1 for t in seqs.tokens]), max_length)
-    if by_image:
-        order = np.argsort(rng.permutation(seqs.image_index.max() + 1)[seqs.image_index], kind="stable")
-    else:
-        order = rng.permutation(len(lengths))
-    chunks = [order[i:i + batch] for i in range(0, len(order), batch)]
-    return (float(np.mean([lengths[c].max() for c in chunks])),
-            float(np.mean([len(np.unique(seqs.image_index[c])) for c in chunks])))
+    from toolkit.decoder import batch_plan
+
+    _, inp, _ = seqs.arrays(max_length)
+    lengths = (inp != 0).sum(axis=1)
+    plan = batch_plan(lengths, batch, np.random.default_rng(seed), seqs.image_index if by_image else None)
+    return (float(np.mean([lengths[b].max() for b in plan])),
+            float(np.mean([len(np.unique(seqs.image_index[b])) for b in plan])))
 
 
 # -- one decoder on the real features -----------------------------------------------------------------------------
