@@ -33,7 +33,7 @@ def full_split(packs_dir: Path, lang: str = "en", grid: bool = False, vocab_size
     from toolkit.data import group_by_image, read_captions, read_split
     from toolkit.decoder import Sequences
     from toolkit.encoder import ENCODERS_DIR, Encoder
-    from toolkit.pipeline import IN_MEMORY_FEATURES_BYTES
+    from toolkit.build import IN_MEMORY_FEATURES_BYTES
     from toolkit.tokenizer import train_tokenizer
 
     flickr = shared_data() / "flickr8k"

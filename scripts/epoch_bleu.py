@@ -41,7 +41,7 @@ def main() -> None:
     from toolkit.evaluate import corpus_bleu_scores, repetition_rate
     from toolkit.decoder import train_decoder
     from toolkit.generate import KerasStepModel
-    from toolkit.pipeline import beam_search_batched
+    from toolkit.generate import beam_search_batched
     from toolkit.tokenizer import BOS_ID, EOS_ID
 
     grid = args.decoder == "attention"

@@ -400,6 +400,8 @@ def training_dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, 
         rng = np.random.default_rng(seed)
         plan = lambda: iter(batch_plan(lengths, batch, rng, idx if by_image else None))  # noqa: E731
         batches = tf.data.Dataset.from_generator(plan, output_signature=tf.TensorSpec([None], tf.int64))
+        # Known, so that Keras counts steps instead of warning that the input "ran out of data".
+        batches = batches.apply(tf.data.experimental.assert_cardinality(-(-len(idx) // batch)))
     else:
         batches = tf.data.Dataset.range(len(idx)).batch(batch)
     idx_t, inp_t, tgt_t = tf.constant(idx), tf.constant(inp), tf.constant(tgt)
