@@ -62,7 +62,15 @@ def measure_sgemm(n: int = 2048, repeats: int = 8) -> dict:
     a @ b  # warm the threads
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return {"gflops": 2 * n**3 / best / 1e9, "n": n, "numpy": np.__version__,
+    # The shapes the lstm step is made of: its recurrent step (64 captions x [embedding, h] x 4 gates of 512)
+    # and its head over the whole batch (64 x 15 tokens x 512 -> 2,000): what a product of that size gets.
+    shapes = {}
+    for m, k, n_ in ((64, 768, 2048), (64 * 15, 512, 2000)):
+        x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n_), np.float32)
+        reps = max(1, int(2e9 // (2 * m * k * n_)))
+        t = min(_timed(lambda: [x @ w for _ in range(reps)]) for _ in range(repeats))
+        shapes[f"{m}x{k}x{n_}"] = 2 * m * k * n_ * reps / t / 1e9
+    return {"gflops": 2 * n**3 / best / 1e9, "n": n, "numpy": np.__version__, "shapes": shapes,
             "blas": [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} for i in blas]}
 
 
@@ -210,7 +218,8 @@ def table(res: dict) -> str:
         rows.append(f"| {d['decoder']} | {d['captions_per_s']:.0f} | {d['seconds_per_epoch']:.0f} | {d['step_gflop']:.1f} | "
                     f"{d['gflops']:.1f} | {d['gflops'] / s['gflops']:.0%} | {d['peak_rss_mb'] / 1024:.2f} GB |")
     kernel = ", ".join(f"{b['internal_api']} {b['version']} {b['architecture']} x{b['num_threads']}" for b in s["blas"])
-    rows.append(f"\nsgemm ({s['n']}^3, numpy {s['numpy']}, {kernel}): {s['gflops']:.0f} GFLOP/s")
+    rows.append(f"\nsgemm ({s['n']}^3, numpy {s['numpy']}, {kernel}): {s['gflops']:.0f} GFLOP/s; "
+                + ", ".join(f"{k}: {v:.0f}" for k, v in s.get("shapes", {}).items()))
     for sc in res.get("scale", []):
         rows.append(f"scale: {sc['images']:,} images / {sc['captions']:,} captions: {sc['ms_per_caption']:.2f} ms per caption, "
                     f"peak RSS {sc['peak_rss_mb'] / 1024:.2f} GB")
