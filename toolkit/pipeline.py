@@ -76,6 +76,7 @@ class BuildResult:
     pack_dir: Path
     manifest: dict
     warnings: list[str] = field(default_factory=list)
+    chief: bool = True  # False on a multiworker cluster's other workers: they train, the chief writes (manifest {})
 
 
 def build_pack(
@@ -111,11 +112,14 @@ def build_pack(
     enc_cfg = encoder_config or EncoderConfig()
     dec_cfg = replace(decoder_config) if decoder_config else DecoderConfig()  # a copy: the build fills in fields
     tr_cfg = train_config or TrainConfig()
-    from toolkit.decoder import decoder_class, distribution_strategy
+    from toolkit.decoder import decoder_class
+    from toolkit.train import barrier, distribution_strategy, is_chief
 
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
     dec_cfg.tokenizer = resolve_tokenizer(dec_cfg.tokenizer, lang)  # the manifest names the model really trained
-    distribution_strategy(tr_cfg.strategy)  # a strategy capkit cannot train under fails now, before any work
+    strategy = distribution_strategy(tr_cfg.strategy)  # a strategy capkit cannot train under fails now, before any work
+    # On a multiworker cluster only the chief writes the pack; the others train with it.
+    chief = is_chief(strategy)
     grid = dec_cfg.architecture == "attention"
     packs_dir = Path(packs_dir)
     images_dir = Path(images_dir)
@@ -153,6 +157,8 @@ def build_pack(
     used = [c for s in present.values() for n in s for c in by_image_src[n]]
 
     # 2. Translation (cached; nothing is sent twice).
+    if not chief:  # the chief translates and extracts first: with a shared packs folder, the others find it cached
+        barrier(strategy)
     report("stage", name="translate")
     if source_lang == lang or translator == "identity":
         translated, translator_used = used, "none (captions already in the target language)"
@@ -171,7 +177,8 @@ def build_pack(
         # Beside the translations (the cache), so a user can inspect what the translator did.
         tag = "file-" + Path(translator[5:]).name if translator.startswith("file:") else translator
         (packs_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
-        write_quality_report(packs_dir / CACHE_DIR / f"{lang}-{tag}.quality.json", trep)
+        if chief:
+            write_quality_report(packs_dir / CACHE_DIR / f"{lang}-{tag}.quality.json", trep)
         for k in ("empty", "identical", "ratio_outliers"):
             items = (trep.quality or {}).get(k)
             if items:
@@ -193,6 +200,8 @@ def build_pack(
     report("encoded", extracted=ex.n_extracted, cached=ex.n_cached, seconds=ex.seconds)
     key_of = {n: ex.keys[str(images_dir / n)] for n in all_names if str(images_dir / n) in ex.keys}
     present = {s: [n for n in names if n in key_of] for s, names in present.items()}
+    if chief:
+        barrier(strategy)  # the other workers may read the caches now
     if not present["train"]:
         raise CapkitError("no train image could be read", hint="see the warnings above")
 
@@ -241,6 +250,8 @@ def build_pack(
     model, state = train_decoder(train_f, train_s, dev_f, dev_s, dec_cfg, tr_cfg, work,
                                  progress=lambda e: report("epoch", **e))
     train_seconds = sum(h.get("seconds", 0) for h in state["history"]) or time.perf_counter() - t0
+    if not chief:
+        return BuildResult(packs_dir / lang, {}, report.warnings, chief=False)
 
     # 6. Scores on dev (and test), with the reference points beside them.
     report("stage", name="score")

@@ -98,8 +98,17 @@ def is_chief(strategy) -> bool:
 
 def barrier(strategy) -> None:
     """Return once every worker has reached this point (at once outside a cluster)."""
-    if strategy.extended._in_multi_worker_mode():  # noqa: SLF001 (tf.distribute's own test of a cluster)
-        tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None))()
+    if not strategy.extended._in_multi_worker_mode():  # noqa: SLF001 (tf.distribute's own test of a cluster)
+        return
+
+    def one():
+        return tf.constant(1.0)
+
+    @tf.function
+    def meet():
+        return strategy.reduce("SUM", strategy.run(one), axis=None)
+
+    meet()
 
 
 class _EpochBook:
@@ -229,17 +238,12 @@ def custom_loop(model, strategy, train_ds, dev_ds, book: _EpochBook, initial_epo
             break
 
 
-def _build_loss(model, ds):
-    """Let `compute_loss` create what it creates on first use, outside the replicas (fit's symbolic build does this)."""
-    (x, y) = next(iter(ds.take(1)))
-    model.compute_loss(x=x, y=y, y_pred=model(x, training=False), training=False)
-
-
-def _broadcast_from_chief(strategy, variables, state: dict, chief: bool) -> dict:
-    """Give every worker the chief's values of `variables` and of the state's counters; returns the state.
+def _broadcast_from_chief(strategy, variables, sources, state: dict, chief: bool) -> dict:
+    """Set `variables` on every worker to the chief's `sources` (same shapes, same order), and the state's counters.
 
     A masked all-reduce: the chief's first replica contributes its values,
     every other replica zeros. Exact (float64 holds every float32 and counter).
+    Returns the state with the chief's counters.
     """
     local = len(strategy.extended.worker_devices)
     scalars = np.array([state[k] for k in _STATE_SCALARS], np.float64)
@@ -249,7 +253,7 @@ def _broadcast_from_chief(strategy, variables, state: dict, chief: bool) -> dict
     @tf.function
     def sync(mask):
         def share(mask):
-            values = [tf.cast(v.value if isinstance(v, keras.Variable) else v, tf.float64) for v in variables]
+            values = [tf.cast(v.value if isinstance(v, keras.Variable) else v, tf.float64) for v in sources]
             values.append(tf.constant(scalars))
             return tf.distribute.get_replica_context().all_reduce(
                 "SUM", [tf.where(mask, t, tf.zeros_like(t)) for t in values])
@@ -309,10 +313,19 @@ def train_decoder(
         if resume or multiworker:
             # Build the optimizer first so the checkpoint restores Adam's moments too.
             model.optimizer.build(model.trainable_variables)
-        if resume:
+        if resume and not multiworker:
             model.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
-        if multiworker:
-            state = _broadcast_from_chief(strategy, model.variables + model.optimizer.variables, state, chief)
+    if multiworker:
+        # Every worker must run the same collective ops: an assignment to a distributed variable is one, so
+        # the chief reads its checkpoint into a plain copy and every worker takes the values from it.
+        source = model
+        if resume:
+            source = training_model(config, train_config, train_features, state["lr"])
+            source.optimizer.build(source.trainable_variables)
+            source.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
+        with strategy.scope():
+            state = _broadcast_from_chief(strategy, model.variables + model.optimizer.variables,
+                                          source.variables + source.optimizer.variables, state, chief)
     done = state["epoch"] >= train_config.epochs or state["wait"] >= train_config.patience
     # A distributed batch is split row by row, which would part captions from their image's row.
     by_image = batches_by_image(config) and strategy.num_replicas_in_sync == 1
