@@ -69,3 +69,14 @@ def test_custom_loop_on_batches_by_image_follows_fit(tmp_path):
     for a, b in zip(fit, own):
         assert a["loss"] == pytest.approx(b["loss"], rel=0.01) and a["val_loss"] == pytest.approx(b["val_loss"], rel=0.01)
     assert own[-1]["loss"] < own[0]["loss"]
+
+
+def test_multiworker_without_a_cluster_is_one_clear_error(monkeypatch):
+    from toolkit.errors import CapkitError
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setattr(tr, "_strategies", {})
+    with pytest.raises(CapkitError, match="TF_CONFIG") as e:
+        tr.distribution_strategy("multiworker")
+    assert "worker" in e.value.hint
+    assert tr.is_chief(tr.distribution_strategy("default"))
