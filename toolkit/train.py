@@ -192,13 +192,11 @@ def custom_loop(model, strategy, train_ds, dev_ds, book: _EpochBook, initial_epo
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
             scaled = opt.scale_loss(loss)
         opt.apply_gradients(zip(tape.gradient(scaled, model.trainable_weights), model.trainable_weights))
-        n = rows(x)
-        return loss * replicas * n, n  # the loss as one device would report it, times the rows it covers
+        return _weighted(loss * replicas, rows(x))  # the loss as one device would report it
 
     def test_step(x, y):
         y_pred = model(x, training=False)
-        n = rows(x)
-        return model.compute_loss(x=x, y=y, y_pred=y_pred, training=False) * replicas * n, n
+        return _weighted(model.compute_loss(x=x, y=y, y_pred=y_pred, training=False) * replicas, rows(x))
 
     def distributed(step, ds):
         @tf.function(input_signature=[ds.element_spec])
@@ -236,6 +234,11 @@ def custom_loop(model, strategy, train_ds, dev_ds, book: _EpochBook, initial_epo
         val = mean(test_fn, dev_dist) if test_fn is not None else None
         if book.end(epoch, loss, val, model):
             break
+
+
+def _weighted(loss, n):
+    """(loss * n, n); nothing from a replica whose share of the last batch is empty (its added losses are NaN)."""
+    return tf.where(n > 0, loss * n, 0.0), n
 
 
 def _broadcast_from_chief(strategy, variables, sources, state: dict, chief: bool) -> dict:
