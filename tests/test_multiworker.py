@@ -125,8 +125,8 @@ def test_two_workers_train_like_one_and_resume_after_a_kill(tiny_dataset, tmp_pa
     # 2. The second worker is killed after epoch 2; the chief, its peer gone, is stopped too; both restart.
     packs = tmp_path / "resumed"
     chief, worker = _start(tiny_dataset, packs, _free_ports(2), kill_at=2, kill_task=1)
-    worker.communicate(timeout=300)
-    assert worker.returncode == -signal.SIGKILL
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == -signal.SIGKILL, err[-3000:]
     state_file = next((packs / ".work").glob("en-*")) / "state.json"
     deadline = time.time() + 60
     while time.time() < deadline and json.loads(state_file.read_text() if state_file.exists() else "{}").get("epoch", 0) < 2:
