@@ -7,6 +7,10 @@ stderr is pointed at /dev/null during those two moments only, and
 TensorFlow's C++ log is limited to fatal messages (TF_CPP_MIN_LOG_LEVEL=3
 unless set), since its first training step logs a harmless fallback as an
 error. Set CAPKIT_TF_VERBOSE=1 to see everything.
+
+Where TF_CONFIG describes a cluster, the eager context is left for later:
+MultiWorkerMirroredStrategy must configure it before it exists
+(`toolkit.train.distribution_strategy("multiworker")`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ def import_tensorflow():
         import tensorflow as tf
 
         tf.config.list_physical_devices()
-        tf.constant(0)  # creates the eager context, which probes CUDA a second time
+        if not os.environ.get("TF_CONFIG"):  # a multi-worker strategy must set up the context itself
+            tf.constant(0)  # creates the eager context, which probes CUDA a second time
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -73,6 +73,7 @@ class BuildResult:
     pack_dir: Path
     manifest: dict
     warnings: list[str] = field(default_factory=list)
+    chief: bool = True  # False on a multiworker cluster's other workers: they train, the chief writes (manifest {})
 
 
 def build_pack(
@@ -107,21 +108,31 @@ def build_pack(
     report = report or Report()
     dec_cfg = replace(decoder_config) if decoder_config else DecoderConfig()  # a copy: the build fills in fields
     tr_cfg = train_config or TrainConfig()
-    check_settings(lang, dec_cfg, tr_cfg)
+    strategy = check_settings(lang, dec_cfg, tr_cfg)
+    from toolkit.train import barrier, is_chief
+
+    chief = is_chief(strategy)  # on a multiworker cluster only the chief writes the pack; the others train with it
     packs_dir, started = Path(packs_dir), time.perf_counter()
     _check_writable(packs_dir)
     report("stage", name="read")
     source = read_data(captions_path, Path(images_dir), split_files, report)
+    if not chief:  # the chief translates and extracts first: with a shared packs folder, the others find it cached
+        barrier(strategy)
     report("stage", name="translate")
-    translation = translate_data(source.captions, lang, packs_dir, source_lang, translator, translator_options, report)
+    translation = translate_data(source.captions, lang, packs_dir, source_lang, translator, translator_options, report,
+                                 write_report=chief)
     report("stage", name="encode")
     features = encode_images(source.present, Path(images_dir), encoder_config or EncoderConfig(), packs_dir,
                              dec_cfg.architecture == "attention", report)
+    if chief:
+        barrier(strategy)  # the other workers may read the caches now
     report("stage", name="tokenize")
     tokenizer = tokenize(translation.texts, features.present["train"], lang, dec_cfg)
     dec_cfg.vocab_size = tokenizer.vocab_size
     report("stage", name="train")
     trained = train(lang, features, translation.texts, tokenizer, dec_cfg, tr_cfg, packs_dir, report)
+    if not chief:
+        return BuildResult(packs_dir / lang, {}, report.warnings, chief=False)
     report("stage", name="score")
     from toolkit.generate import KerasStepModel
 
@@ -135,13 +146,17 @@ def build_pack(
     return BuildResult(final, manifest, report.warnings)
 
 
-def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig) -> None:
-    """Fail now, not after the translation, on settings no stage can run; name the tokenizer model `dec_cfg` means."""
-    from toolkit.decoder import decoder_class, distribution_strategy
+def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig):
+    """Fail now, not after the translation, on settings no stage can run; name the tokenizer model `dec_cfg` means.
+
+    Returns the `tf.distribute` strategy `tr_cfg.strategy` names.
+    """
+    from toolkit.decoder import decoder_class
+    from toolkit.train import distribution_strategy
 
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
     dec_cfg.tokenizer = resolve_tokenizer(dec_cfg.tokenizer, lang)  # the manifest names the model really trained
-    distribution_strategy(tr_cfg.strategy)  # a strategy capkit cannot train under fails now, before any work
+    return distribution_strategy(tr_cfg.strategy)  # a strategy capkit cannot train under fails now, before any work
 
 
 # -- 1. read -----------------------------------------------------------------------
@@ -200,7 +215,7 @@ class Translation:
 
 def translate_data(captions: list[Caption], lang: str, packs_dir: Path, source_lang: str = "en",
                    translator: str = "google", translator_options: dict | None = None,
-                   report: Report | None = None) -> Translation:
+                   report: Report | None = None, write_report: bool = True) -> Translation:
     """Translate through the cache in `packs_dir` (nothing is sent twice); nothing to do when already in `lang`.
 
     A quality report (empty, identical, odd-length translations) is written beside the cache.
@@ -222,8 +237,9 @@ def translate_data(captions: list[Caption], lang: str, packs_dir: Path, source_l
 
         # Beside the translations (the cache), so a user can inspect what the translator did.
         tag = "file-" + Path(translator[5:]).name if translator.startswith("file:") else translator
-        (packs_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
-        write_quality_report(packs_dir / CACHE_DIR / f"{lang}-{tag}.quality.json", trep)
+        if write_report:  # not on a multiworker cluster's other workers
+            (packs_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
+            write_quality_report(packs_dir / CACHE_DIR / f"{lang}-{tag}.quality.json", trep)
         for k in ("empty", "identical", "ratio_outliers"):
             items = (trep.quality or {}).get(k)
             if items:

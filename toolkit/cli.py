@@ -196,7 +196,8 @@ def build_pack(
     pack_version: str = typer.Option("1.0.0", "--pack-version"),
     seed: int = typer.Option(TrainConfig.seed, "--seed"),
     strategy: str = typer.Option("default", "--strategy",
-                                 help="Training devices: default (one) or mirrored (every GPU of this machine)."),
+                                 help="Training devices: default (one), mirrored (every GPU of this machine) or multiworker "
+                                      "(every machine of the TF_CONFIG cluster; run the same command on each)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
     from toolkit.config import DECODER_ARCHITECTURES, LR_SCHEDULES, TOKENIZER_MODELS
@@ -261,6 +262,9 @@ def build_pack(
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
+    if not result.chief:
+        typer.echo(f"worker done: trained {lang} with the cluster; the chief writes the pack")
+        return
     m = result.manifest
     typer.echo(f"pack {lang} written to {result.pack_dir} in {m['build_seconds']:.0f}s "
                f"({decoder} decoder, {m['data']['n_train_images']} train images, {m['training']['epochs_run']} epochs)")

@@ -82,7 +82,8 @@ class TrainConfig:
     min_delta: float = 0.0      # an epoch improves only if dev loss falls by more than this (nats per token); the
                                 # best weights are kept whatever the gain
     seed: int = 0               # shuffling and initialisation
-    strategy: str = "default"   # tf.distribute: default (one device) or mirrored (all local GPUs)
+    strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs) or multiworker
+                                # (every worker of the TF_CONFIG cluster; see toolkit.train)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The per-language decoders and their training.
+"""The per-language decoders and what they train with (the training loop: `toolkit.train`).
 
 Three architectures, chosen by `DecoderConfig.architecture`:
 
@@ -20,13 +20,9 @@ a tuple of per-row tensors, `step(tokens, *state)` returns
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -39,14 +35,6 @@ from toolkit.backend import import_tensorflow
 tf = import_tensorflow()
 import keras  # noqa: E402
 
-CHECKPOINT_STATE_FILE = "state.json"
-CHECKPOINT_LAST_FILE = "last.weights.h5"
-CHECKPOINT_BEST_FILE = "best.weights.h5"
-STRATEGIES = ("default", "mirrored")
-# Keras 3 cannot fit under MultiWorkerMirroredStrategy (keras-team/keras#20585): it reduces the first
-# distributed batch and every step's logs in ways that strategy rejects. Tried on TF 2.21 / Keras 3.15.
-UNSUPPORTED_STRATEGIES = {"multiworker": "Keras 3 cannot train under tf.distribute's MultiWorkerMirroredStrategy "
-                                         "(keras-team/keras#20585)"}
 MIXED_PRECISION_POLICY = "mixed_float16"  # on a GPU; logits and loss stay float32
 
 
@@ -430,78 +418,9 @@ def _adapt_data(features):
     return tf.data.Dataset.from_generator(features.chunks, output_signature=spec)
 
 
-_strategies: dict[str, object] = {}
-
-
-def distribution_strategy(name: str = "default"):
-    """The `tf.distribute` strategy `name` selects, created once per process.
-
-    "mirrored": every local GPU, else every logical CPU device (one on a plain
-    machine; tests split the CPU in two). `build_pack` calls this before
-    extracting features, so a bad name fails before any work.
-    """
-    if name in UNSUPPORTED_STRATEGIES:
-        raise CapkitError(f"strategy {name!r} is not available: {UNSUPPORTED_STRATEGIES[name]}",
-                          hint=f"use one of {', '.join(STRATEGIES)}; mirrored trains on every GPU of one machine")
-    if name not in STRATEGIES:
-        raise CapkitError(f"unknown strategy {name!r}", hint=f"use one of {', '.join(STRATEGIES)}")
-    if name not in _strategies:
-        if name == "mirrored":
-            devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-            _strategies[name] = tf.distribute.MirroredStrategy([d.name for d in devices])
-        else:
-            _strategies[name] = tf.distribute.get_strategy()
-    return _strategies[name]
-
-
 def _mixed_precision_wanted() -> bool:
     """float16 pays on GPUs (tensor cores); on CPUs it is slower, so only there."""
     return bool(tf.config.list_physical_devices("GPU"))
-
-
-class _Checkpoints(keras.callbacks.Callback):
-    """Best weights for early stopping, last weights + state each epoch for resuming."""
-
-    def __init__(self, folder: Path, state: dict, train_config: TrainConfig, progress):
-        super().__init__()
-        self.folder, self.state, self.progress = folder, state, progress
-        self.patience, self.schedule = train_config.patience, train_config.lr_schedule
-        self.min_delta = train_config.min_delta
-        self.base_lr, self.epochs = train_config.learning_rate, train_config.epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        from toolkit.pack import atomic_write_text
-
-        logs = logs or {}
-        s = self.state
-        val = float(logs.get("val_loss", logs.get("loss")))
-        s["history"].append({"epoch": epoch + 1, "loss": float(logs["loss"]), "val_loss": val,
-                             "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
-                             "seconds": time.perf_counter() - s.pop("_t0", time.perf_counter())})
-        if val < s["best_val_loss"] - self.min_delta:
-            s["wait"] = 0
-        else:  # no gain worth an epoch: count towards stopping
-            s["wait"] += 1
-            if self.schedule == "plateau":  # halve the learning rate when dev loss stalls
-                lr = self.model.optimizer.learning_rate
-                lr.assign(lr * 0.5)
-        if val < s["best_val_loss"]:
-            s.update(best_val_loss=val, best_epoch=epoch + 1)
-            _save_weights(self.model, self.folder / CHECKPOINT_BEST_FILE)
-        s["epoch"] = epoch + 1
-        s["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        _save_weights(self.model, self.folder / CHECKPOINT_LAST_FILE)
-        atomic_write_text(self.folder / CHECKPOINT_STATE_FILE, json.dumps(s, indent=1))
-        if self.progress:
-            self.progress(dict(s["history"][-1], best_epoch=s["best_epoch"]))
-        if s["wait"] >= self.patience:
-            self.model.stop_training = True
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.state["_t0"] = time.perf_counter()
-        if self.schedule == "cosine":  # a function of the epoch alone, so a resumed run follows the same curve
-            self.model.optimizer.learning_rate.assign(
-                self.base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs)))
 
 
 class CaptionLoss(keras.losses.Loss):
@@ -565,68 +484,14 @@ def training_model(config: DecoderConfig, train_config: TrainConfig, train_featu
     return model
 
 
-def train_decoder(
-    train_features: np.ndarray,
-    train: Sequences,
-    dev_features: np.ndarray,
-    dev: Sequences,
-    config: DecoderConfig,
-    train_config: TrainConfig,
-    checkpoint_dir: Path,
-    progress: Callable[[dict], None] | None = None,
-) -> tuple[keras.Model, dict]:
-    """Train with teacher forcing and early stopping on dev loss; returns the best model and the run's state.
+# The training loop, its strategies and checkpoints live in toolkit.train; these names stay importable from here.
+_TRAIN_NAMES = ("train_decoder", "distribution_strategy", "STRATEGIES", "CHECKPOINT_STATE_FILE", "CHECKPOINT_LAST_FILE",
+                "CHECKPOINT_BEST_FILE")
 
-    Features are what `config.architecture` reads: pooled (n, 2048) for
-    "lstm", grids (n, P, 2048) for "attention"; `train.image_index` and
-    `dev.image_index` point into their rows.
 
-    `checkpoint_dir` keeps the last and best weights and the epoch reached; a
-    call with the same folder resumes where it stopped, optimizer state included.
-    The model is built and compiled under `train_config.strategy` (see
-    `distribution_strategy`), in mixed precision where a GPU is present; the
-    model returned is always a plain float32 one, ready for inference.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    strategy = distribution_strategy(train_config.strategy)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    mixed = _mixed_precision_wanted()
-    state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
-    state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
-             "lr": train_config.learning_rate, "history": []}
-    resume = state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists()
-    if resume:
-        state = json.loads(state_path.read_text())
-    # A resumed run draws new dropout masks: replaying epoch 1's, with epoch 1's batches, let dev loss climb
-    # from the third epoch of a run resumed every epoch (scripts/epoch_bleu.py's first version).
-    keras.utils.set_random_seed(train_config.seed + 7919 * state["epoch"])
-    with strategy.scope():
-        model = training_model(config, train_config, train_features, state["lr"])
-        if resume:
-            # Build the optimizer first so the checkpoint restores Adam's moments too.
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(checkpoint_dir / CHECKPOINT_LAST_FILE)
-    done = state["epoch"] >= train_config.epochs or state["wait"] >= train_config.patience
-    # A distributed batch is split row by row, which would part captions from their image's row.
-    by_image = batches_by_image(config) and strategy.num_replicas_in_sync == 1
-    if not done:
-        model.fit(
-            training_dataset(train_features, train, config, train_config.batch_size, True, train_config.seed, by_image,
-                             first_epoch=state["epoch"]),
-            validation_data=training_dataset(dev_features, dev, config, 256, False, 0, by_image) if len(dev.tokens) else None,
-            epochs=train_config.epochs,
-            initial_epoch=state["epoch"],
-            callbacks=[_Checkpoints(checkpoint_dir, state, train_config, progress)],
-            shuffle=False,  # the dataset shuffles itself, reproducibly by seed
-            verbose=0,
-        )
-    best = checkpoint_dir / CHECKPOINT_BEST_FILE
-    if mixed or train_config.strategy != "default":
-        # Distributed or float16 variables are for training; inference gets plain float32 ones.
-        if not best.exists():
-            best = checkpoint_dir / CHECKPOINT_LAST_FILE
-            _save_weights(model, best)
-        return load_decoder(config, best), state
-    if best.exists():
-        model.load_weights(best)
-    return model, state
+def __getattr__(name):
+    if name in _TRAIN_NAMES:  # lazily: toolkit.train imports this module
+        from toolkit import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
