@@ -266,12 +266,18 @@ class Encoder:
     def _store(self, keys: list[str], feats: np.ndarray, grids: np.ndarray | None = None) -> None:
         # Pooled rows already cached stay as they are: a grid request re-encodes them, it does not duplicate them.
         new = [i for i, k in enumerate(keys) if not self._has(k)]
-        self._store_rows(self.cache, self._memory, [keys[i] for i in new], feats[new])
+        self._store_rows(self.cache, self._memory, [keys[i] for i in new], feats[new], self.identity["feature_scale"])
         if grids is not None:
-            self._store_rows(self.grid_cache, self._grid_memory, keys, grids.reshape(len(keys), -1))
+            self._store_rows(self.grid_cache, self._grid_memory, keys, grids.reshape(len(keys), -1),
+                             self.identity["feature_scale"])
+
+    def forget_features(self) -> None:
+        """Drop the features held in memory (those of an encoder without a cache, or a read-only one)."""
+        self._memory.clear()
+        self._grid_memory.clear()
 
     @staticmethod
-    def _store_rows(cache: FeatureCache | None, memory: dict, keys: list[str], rows: np.ndarray) -> None:
+    def _store_rows(cache: FeatureCache | None, memory: dict, keys: list[str], rows: np.ndarray, scale: float) -> None:
         if not keys:
             return
         if cache is not None:
@@ -281,8 +287,10 @@ class Encoder:
             except CacheWriteError as e:
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
-        # The packs dir is read-only (a shared install): keep features for this run only.
-        for k, f in zip(keys, rows):
+        # No cache, or a read-only one (a shared install): keep features for this run only, rounded as the
+        # cache rounds them, so a caption does not depend on whether the features went through the disk.
+        rounded = np.asarray(np.asarray(rows * scale, dtype=np.float16), dtype=np.float32) / scale
+        for k, f in zip(keys, rounded):
             memory[k] = f
 
     def _encode_batch(self, images: np.ndarray, grid: bool = False):
