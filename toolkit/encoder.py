@@ -160,7 +160,7 @@ class Encoder:
 
         Worker threads read, hash, decode and resize images ahead of the model
         (Pillow releases the GIL while decoding), so the forward pass is rarely
-        waiting; batches are padded to one shape so the graph is traced once.
+        waiting; batches are padded to a power of two so the graph is traced a few times only.
         """
         out = Extraction()
         paths = [p if isinstance(p, ImageBytes) else str(p) for p in paths]
@@ -308,9 +308,11 @@ class Encoder:
 
             self._forward = forward
         n = len(images)
-        bs = self.config.batch_size
-        if n < bs:  # one input shape, one trace
-            images = np.concatenate([images, np.zeros((bs - n, *images.shape[1:]), images.dtype)])
+        # Padded to the next power of two (at most the batch size): a few input shapes, so a few traces, and a
+        # small batch (a server's, or one photo) costs its own rows rather than a whole batch's.
+        size = min(self.config.batch_size, 1 << max(0, n - 1).bit_length())
+        if n < size:
+            images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
         pooled, maps = self._forward(images)
         return (pooled.numpy()[:n], maps.numpy()[:n]) if grid else pooled.numpy()[:n]
 

@@ -334,6 +334,8 @@ class _BodyLimit:
         if length is not None and not length.isdigit():
             return await _send_json(send, 400, "the Content-Length header is not a number")
         if length is not None and int(length) > self.max_bytes:
+            if headers.get(b"expect", b"").lower() != b"100-continue":  # else the client waits, having sent nothing
+                await _drain(receive)
             return await _send_json(send, 413, too_large_message(self.max_bytes))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
@@ -349,11 +351,35 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 if state["received"] > self.max_bytes:
+                    if message.get("more_body", False):
+                        await _drain(receive)
+                    state["done"] = True
                     raise _BodyTooLarge()
                 state["done"] = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+DRAIN_SECONDS = 2.0       # how long a refused upload is read on, and dropped, before the answer
+DRAIN_BYTES = 64 * 2**20  # and at most this much of it
+
+
+async def _drain(receive) -> None:
+    """Read and drop what a refused upload still sends (for a while, up to a size): closing a connection
+    with unread data resets it, and the client would lose the answer it has not read yet."""
+    loop = asyncio.get_running_loop()
+    end, n = loop.time() + DRAIN_SECONDS, 0
+    while n < DRAIN_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(end - loop.time(), 0.001))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        n += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def too_large_message(max_bytes: int) -> str:
