@@ -147,6 +147,32 @@ def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path):
     np.testing.assert_allclose(tf.nn.log_softmax(again((grids[:5], inputs))).numpy(), full, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [5, 8, 64])
+def test_batches_by_image_hold_each_caption_once_with_its_own_image(batch):
+    """Grouped batches: every caption once an epoch, its image's features once a batch, and the same logits."""
+    import tensorflow as tf
+
+    from toolkit.config import DecoderConfig
+    from toolkit.decoder import AttentionDecoder, training_dataset
+
+    grids, seqs = tiny_attention_data()
+    cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
+                        max_length=8)
+    _, inputs, targets = seqs.arrays(8)
+    model = AttentionDecoder(cfg).build_all(8)
+    seen = []
+    for (feats, x, rows), y in training_dataset(grids, seqs, cfg, batch, shuffle=True, seed=1):
+        feats, x, rows, y = feats.numpy(), x.numpy(), rows.numpy(), y.numpy()
+        assert len(x) <= batch and len(feats) == len(np.unique(rows)) <= len(x)  # each image once
+        for f, xi, yi in zip(feats[rows], x, y):
+            i = next(i for i in range(len(inputs)) if (inputs[i, :len(xi)] == xi).all() and (targets[i, :len(yi)] == yi).all()
+                     and (grids[seqs.image_index[i]] == f).all() and i not in seen)
+            seen.append(i)
+        # One projection per image gives what one per caption gave.
+        np.testing.assert_allclose(model((feats, x, rows)).numpy(), model((feats[rows], x)).numpy(), atol=1e-5)
+    assert sorted(seen) == list(range(len(inputs)))
+
+
 def test_attention_decoder_trains_in_mixed_precision(tmp_path, monkeypatch):
     """The GPU path (mixed_float16) on the CPU: the loop's tensors in float16, a plain float32 model back."""
     from toolkit import decoder as dec

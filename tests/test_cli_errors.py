@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,3 +279,23 @@ def test_script_exit_code_and_stderr(tmp_path):
     p = run_capkit("--debug", "caption", tmp_path, "--lang", "en", "--beam", "0", "--packs-dir", tmp_path)
     assert p.returncode != 0
     assert "Traceback" in p.stderr and "CapkitError: --beam must be at least 1" in p.stderr
+
+
+TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} ", re.M)  # absl's prefix: level, month, day
+
+
+def test_training_and_captioning_print_no_tensorflow_log_lines(tiny_dataset, tmp_path):
+    """Run as a user would (no TF_CPP_MIN_LOG_LEVEL): only capkit's own lines; CAPKIT_TF_VERBOSE=1 shows TF's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CAPKIT_TF_VERBOSE")}
+    d, packs = tiny_dataset, tmp_path / "packs"
+    build = ["build-pack", "en", "--captions", d["captions_en"], "--images", d["images"], "--train-split", d["train"],
+             "--dev-split", d["dev"], "--encoder-weights", "none", "--image-size", "71", "--epochs", "1",
+             "--packs-dir", packs]
+    for args in (build, ["caption", d["images"], "--lang", "en", "--packs-dir", packs]):
+        p = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert not TF_LOG_LINE.search(p.stderr) and "Warning:" not in p.stderr, p.stderr  # nor Python warnings
+    p = subprocess.run([sys.executable, "-m", "toolkit", "caption", str(d["images"]), "--lang", "en", "--packs-dir", str(packs)],
+                       cwd=REPO, env={**env, "CAPKIT_TF_VERBOSE": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and TF_LOG_LINE.search(p.stderr)

@@ -128,6 +128,27 @@ def test_learning_rate_schedules(schedule, tmp_path):
         assert lrs == pytest.approx(expected, rel=1e-5) and lrs[-1] < 1e-2
 
 
+def test_min_delta_stops_on_small_gains_and_keeps_the_lowest_dev_loss(tmp_path):
+    from toolkit.config import DecoderConfig, TrainConfig
+    from toolkit.decoder import CHECKPOINT_BEST_FILE, Sequences, load_decoder, train_decoder
+
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(12, 8)).astype(np.float32)
+    seqs = Sequences(np.arange(24, dtype=np.int32) % 12, [list(rng.integers(4, 20, size=rng.integers(2, 7))) for _ in range(24)])
+    cfg = DecoderConfig(vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0, max_length=8)
+    base = dict(epochs=6, batch_size=8, learning_rate=1e-2, lr_schedule="constant", clipnorm=0, patience=2)
+    _, free = train_decoder(feats, seqs, feats, seqs, cfg, TrainConfig(**base), tmp_path / "a")
+    losses = [h["val_loss"] for h in free["history"]]
+    assert len(losses) == 6 and losses == sorted(losses, reverse=True)  # dev = train: every epoch gains
+    # A gain no epoch reaches: stopped after `patience` epochs, yet the best weights are the lowest loss seen.
+    gain = max(a - b for a, b in zip(losses, losses[1:])) + 1e-3
+    model, state = train_decoder(feats, seqs, feats, seqs, cfg, TrainConfig(**base, min_delta=gain), tmp_path / "b")
+    assert state["epoch"] == 3 and state["best_epoch"] == 3  # epoch 1 improves on nothing-yet; 2 and 3 fall short
+    assert state["best_val_loss"] == pytest.approx(losses[2], rel=1e-4)
+    again = load_decoder(cfg, tmp_path / "b" / CHECKPOINT_BEST_FILE)
+    np.testing.assert_allclose(again.get_weights()[0], model.get_weights()[0])
+
+
 def test_auto_tokenizer_is_characters_where_bleu_counts_characters(tiny_packs):
     from toolkit.config import resolve_tokenizer
     from toolkit.pack import load_manifest

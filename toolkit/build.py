@@ -93,8 +93,12 @@ def build_pack(
     length_penalty: float = SEARCH.length_penalty,
     no_repeat_ngram: int = SEARCH.no_repeat_ngram,
     report: Report | None = None,
+    split_method: dict | None = None,
 ) -> BuildResult:
     """Every stage, in order: read, translate, encode, tokenize, train, score, write `packs_dir/lang/`.
+
+    `split_method` says how `split_files` were made, for the manifest
+    (`toolkit.layout.DataPlan.split`); default {"method": "files"}.
 
     An "attention" decoder (`decoder_config.architecture`) trains and is
     scored on the encoder's feature grids, extracted and cached alongside
@@ -125,7 +129,7 @@ def build_pack(
                           pack_version, SearchConfig(beam, length_penalty, no_repeat_ngram))
     report("stage", name="write")
     manifest = make_manifest(lang, pack_version, captions_path, split_files, source_lang, source, translation, features,
-                             tokenizer, dec_cfg, tr_cfg, trained, scores)
+                             tokenizer, dec_cfg, tr_cfg, trained, scores, split_method)
     final = write_pack(packs_dir, lang, trained, tokenizer, translation.captions, features.present, manifest)
     manifest["build_seconds"] = round(time.perf_counter() - started, 1)
     return BuildResult(final, manifest, report.warnings)
@@ -385,7 +389,7 @@ def _score_with_baselines(hyps, refs, lang, feats, train_f, train_names, texts, 
 
 def make_manifest(lang: str, pack_version: str, captions_path: Path, split_files: dict[str, Path], source_lang: str,
                   source: SourceData, translation: Translation, features: Features, tokenizer, dec_cfg: DecoderConfig,
-                  tr_cfg: TrainConfig, trained: Trained, scores: dict) -> dict:
+                  tr_cfg: TrainConfig, trained: Trained, scores: dict, split_method: dict | None = None) -> dict:
     """The manifest of the pack the stages made, its `files` still empty (`write_pack` fills them in)."""
     present, state = features.present, trained.state
     return {
@@ -406,6 +410,7 @@ def make_manifest(lang: str, pack_version: str, captions_path: Path, split_files
             "source_lang": source_lang,
             "translator": translation.translator,
             "splits": {k: Path(v).name for k, v in split_files.items()},
+            "split": split_method or {"method": "files"},
             "n_train_images": len(present["train"]),
             "n_dev_images": len(present.get("dev", [])),
             "n_test_images": len(present.get("test", [])),

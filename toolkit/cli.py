@@ -58,7 +58,9 @@ class _Progress:
             if self.stage != f["stage"] or self.bar is None:
                 self._close()
                 self.stage = f["stage"]
-                self.bar = tqdm(total=f["total"], desc=f["stage"], unit="img" if f["stage"] == "encode" else "cap",
+                unit = f.get("unit") or ("img" if f["stage"] == "encode" else "cap")
+                self.bar = tqdm(total=f["total"], desc=f["stage"], unit=unit, unit_scale=unit == "B",
+                                unit_divisor=1024 if unit == "B" else 1000,
                                 file=sys.stderr, leave=False, dynamic_ncols=True)
             self.bar.update(f["done"] - self.bar.n)
             counts = {k: f[k] for k in ("cached", "sent", "failed") if k in f}
@@ -102,6 +104,22 @@ def _encoder_config(weights: str, image_size: int, batch_size: int):
     return EncoderConfig(weights=weights, image_size=image_size, batch_size=batch_size)
 
 
+def EncoderWeightsOption():
+    return typer.Option(None, "--encoder-weights",
+                        help="imagenet (a download), none (random, tests only), a .weights.h5 path, or the id of an encoder "
+                        "in the packs dir. Default: the packs dir's encoder when it holds one, else imagenet.")
+
+
+def _choose_encoder(weights: str | None, image_size: int | None, packs_dir: Path) -> tuple[str, int]:
+    """--encoder-weights and --image-size as given, or the packs dir's registered encoder (said on stderr)."""
+    from toolkit.encoder import choose_encoder
+
+    choice = choose_encoder(packs_dir, weights, image_size)
+    if choice.note:
+        typer.echo(choice.note, err=True)
+    return choice.weights, choice.image_size
+
+
 def _search_options(beam: int, length_penalty: float, no_repeat_ngram: int) -> dict:
     """The search flags, checked."""
     _at_least("--beam", beam, 1)
@@ -128,18 +146,25 @@ def NoRepeatOption():
 @app.command("build-pack")
 def build_pack(
     lang: str = typer.Argument(..., help="Target language, ISO 639-1 (en, zh, ar, tr, ...)."),
-    captions: Path = typer.Option(..., "--captions", help="Caption file: Flickr8k.token.txt, Flickr8k-CN layout or Kaggle captions.txt."),
-    images: Path = typer.Option(..., "--images", help="Folder of the photos."),
-    splits: Optional[Path] = typer.Option(None, "--splits", help="Folder with *train*, *dev* (and *test*) split files."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of a download: finds its captions, photos and "
+                                        "splits (Kaggle's captions.txt + Images/, Flickr8k_text/ + Flicker8k_Dataset/, "
+                                        "or one flat folder). The flags below win over what it finds."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="Caption file: Flickr8k.token.txt, Flickr8k-CN layout or Kaggle captions.txt."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of the photos."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="Folder with *train*, *dev* (and *test*) split files. "
+                                          "Without split files: Flickr8k's official split for its photos, else a split by photo."),
     train_split: Optional[Path] = typer.Option(None, "--train-split"),
     dev_split: Optional[Path] = typer.Option(None, "--dev-split"),
     test_split: Optional[Path] = typer.Option(None, "--test-split"),
+    split_ratios: Optional[str] = typer.Option(None, "--split-ratios", help="Make a split by photo with these train/dev/test "
+                                               "shares (default for data without split files: 90/5/5)."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of a split made by photo."),
     source_lang: str = typer.Option("en", "--source-lang", help="Language of --captions; equal to LANG means no translation."),
     translator: str = typer.Option("google", "--translator", help="google, mymemory, libre, deepl, microsoft, identity or file:PATH."),
     translator_url: Optional[str] = typer.Option(None, "--translator-url", help="Server of the libre back end."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Translator key (or its environment variable); never stored."),
-    encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="imagenet, none (random, tests only) or a .weights.h5 path."),
-    image_size: int = typer.Option(299, "--image-size", help="Encoder input side (Xception: 299; at least 71)."),
+    encoder_weights: Optional[str] = EncoderWeightsOption(),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Encoder input side (Xception: 299; at least 71)."),
     packs_dir: Optional[Path] = PacksDir,
     decoder: str = typer.Option(DecoderConfig.architecture, "--decoder",
                                 help="lstm (the image sets the LSTM's first state), attention (the LSTM looks over "
@@ -163,6 +188,8 @@ def build_pack(
     attention_reg: float = typer.Option(DecoderConfig.attention_reg, "--attention-reg",
                                         help="attention only: weight of the penalty spreading attention over every grid cell."),
     patience: int = typer.Option(TrainConfig.patience, "--patience", help="Epochs without dev improvement before stopping."),
+    min_delta: float = typer.Option(TrainConfig.min_delta, "--min-delta",
+                                    help="Smallest dev-loss fall that counts as an improvement."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
     length_penalty: float = LengthPenaltyOption(),
     no_repeat_ngram: int = NoRepeatOption(),
@@ -183,7 +210,7 @@ def build_pack(
     if epochs < 1:
         raise CapkitError(f"--epochs must be at least 1, not {epochs}")
     search = _search_options(beam, length_penalty, no_repeat_ngram)
-    for flag, value, low in (("--image-size", image_size, 71), ("--units", units, 1),
+    for flag, value, low in (("--image-size", 71 if image_size is None else image_size, 71), ("--units", units, 1),
                              ("--embed-dim", embed_dim, 1), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
         _at_least(flag, value, low)
     if not 0 <= dropout < 1:
@@ -194,10 +221,13 @@ def build_pack(
         raise CapkitError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
     if not clipnorm >= 0:
         raise CapkitError(f"--clipnorm must be 0 or more, not {clipnorm}")
+    if not min_delta >= 0:
+        raise CapkitError(f"--min-delta must be 0 or more, not {min_delta}")
     if not attention_reg >= 0:
         raise CapkitError(f"--attention-reg must be 0 or more, not {attention_reg}")
     if not 0 <= label_smoothing < 1:
         raise CapkitError(f"--label-smoothing must be in [0, 1), not {label_smoothing}")
+    split_files = None
     if splits:
         from toolkit.build import find_split_files
 
@@ -206,21 +236,29 @@ def build_pack(
         split_files = {"train": train_split, "dev": dev_split}
         if test_split:
             split_files["test"] = test_split
-    else:
-        raise CapkitError("give --splits DIR, or --train-split and --dev-split")
+    elif train_split or dev_split or test_split:
+        raise CapkitError("give both --train-split and --dev-split", hint="or no split flag: capkit then finds or makes the split")
+    from toolkit.data import parse_split_ratios
+    from toolkit.layout import plan_data
     from toolkit.build import build_pack as run
     from toolkit.progress import Report
 
+    plan = plan_data(data=data, captions=captions, images=images, split_files=split_files,
+                     ratios=parse_split_ratios(split_ratios) if split_ratios else None, seed=split_seed,
+                     packs_dir=_packs_dir(packs_dir))
+    for line in plan.notes:
+        typer.echo(line, err=True)
+    weights, image_size = _choose_encoder(encoder_weights, image_size, _packs_dir(packs_dir))
     options = {k: v for k, v in (("url", translator_url), ("api_key", api_key)) if v}
     result = run(
-        lang, captions, images, split_files, _packs_dir(packs_dir),
-        source_lang=source_lang, translator=translator, translator_options=options,
-        encoder_config=_encoder_config(encoder_weights, image_size, 32),
+        lang, plan.captions, plan.images, plan.split_files, _packs_dir(packs_dir),
+        source_lang=source_lang, translator=translator, translator_options=options, split_method=plan.split,
+        encoder_config=_encoder_config(weights, image_size, 32),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout, attention_reg=attention_reg, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
-                                 patience=patience, seed=seed, strategy=strategy),
+                                 patience=patience, min_delta=min_delta, seed=seed, strategy=strategy),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
     m = result.manifest
@@ -463,8 +501,8 @@ def translate(
 @app.command()
 def encode(
     images: List[Path] = typer.Option(..., "--images", help="Images or folders of images."),
-    encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="imagenet, none or a .weights.h5 path."),
-    image_size: int = typer.Option(299, "--image-size"),
+    encoder_weights: Optional[str] = EncoderWeightsOption(),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Encoder input side (default 299, or the packs dir's encoder's)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     max_pixels: int = typer.Option(100_000_000, "--max-pixels"),
     grid: bool = typer.Option(False, "--grid", help="Cache the spatial feature maps too, as attention packs need."),
@@ -474,14 +512,16 @@ def encode(
     from toolkit.encoder import Encoder
     from toolkit.images import list_images
 
-    _at_least("--image-size", image_size, 71)
+    if image_size is not None:
+        _at_least("--image-size", image_size, 71)
     _at_least("--batch-size", batch_size, 1)
     _at_least("--max-pixels", max_pixels, 1)
     paths = list_images(images)
     if not paths:
         raise CapkitError(f"no images found in {', '.join(map(str, images))}")
     progress = _Progress()
-    enc = Encoder.prepare(_encoder_config(encoder_weights, image_size, batch_size), _packs_dir(packs_dir))
+    weights, image_size = _choose_encoder(encoder_weights, image_size, _packs_dir(packs_dir))
+    enc = Encoder.prepare(_encoder_config(weights, image_size, batch_size), _packs_dir(packs_dir))
     ex = enc.extract(paths, progress=lambda d, t: progress("progress", stage="encode", done=d, total=t), max_pixels=max_pixels,
                      grid=grid)
     progress._close()
@@ -558,34 +598,114 @@ def packs_verify(lang: Optional[str] = typer.Argument(None), packs_dir: Optional
 @packs_app.command("export")
 def packs_export(
     lang: str = typer.Argument(...),
-    out: Path = typer.Option(..., "-o", "--out", help="Archive to write (LANG.cappack), or a folder to write it in."),
+    out: str = typer.Option(..., "-o", "--out", help="Archive to write (LANG.cappack), or a folder to write it in (DIR/ is made)."),
+    with_encoder: bool = typer.Option(False, "--with-encoder",
+                                      help="Put the encoder's weights in the archive too (about 84 MB), so it installs anywhere."),
     packs_dir: Optional[Path] = PacksDir,
 ):
-    """Write a pack to one .cappack zip to share; its encoder is named, not copied."""
+    """Write a pack to one .cappack zip to share; its encoder is named, or with --with-encoder carried."""
     from toolkit.share import export_pack
 
-    r = export_pack(_packs_dir(packs_dir), _check_lang(lang), out)
-    typer.echo(f"exported {r.lang} {r.pack_version} ({r.n_files} files, {r.size / 1e6:.1f} MB) to {r.path}")
+    r = export_pack(_packs_dir(packs_dir), _check_lang(lang), out, with_encoder=with_encoder)
+    typer.echo(f"exported {r.lang} {r.pack_version} ({r.n_files} files{', encoder included' if r.with_encoder else ''}, "
+               f"{r.size / 1e6:.1f} MB) to {r.path}")
 
 
-@packs_app.command("import")
-def packs_import(
-    archive: Path = typer.Argument(..., help="A .cappack written by `capkit packs export`."),
-    force: bool = typer.Option(False, "--force", help="Replace an installed pack of another version or build."),
-    max_size_mb: int = typer.Option(512, "--max-size-mb", help="Refuse archives that unpack to more than this."),
-    packs_dir: Optional[Path] = PacksDir,
-):
-    """Check a .cappack completely, then install it in one swap."""
-    from toolkit.progress import Report
-    from toolkit.share import import_pack
+def EncoderWeightsOption():
+    return typer.Option(None, "--encoder-weights",
+                        help="When the pack's encoder is missing here and not in the archive: imagenet (Keras's "
+                        "download) or a .weights.h5 path; used only if its digest is the pack's.")
 
-    r = import_pack(archive, _packs_dir(packs_dir), force=force, max_bytes=max_size_mb * 2**20, report=Report(_Progress()))
+
+def MaxSizeOption():
+    return typer.Option(512, "--max-size-mb", help="Refuse archives that unpack to more than this.")
+
+
+def _import_summary(r) -> None:
     if r.action == "unchanged":
         typer.echo(f"{r.lang} {r.manifest['pack_version']} is already installed, identical; nothing to do")
     elif r.action == "replaced":
         typer.echo(f"replaced {r.lang} {r.previous_version or '(broken)'} by {r.manifest['pack_version']} in {r.pack_dir}")
     else:
         typer.echo(f"installed {r.lang} {r.manifest['pack_version']} in {r.pack_dir}")
+    if r.encoder_registered:
+        where = "the archive" if r.encoder_registered == "archive" else r.encoder_registered
+        typer.echo(f"registered encoder {r.manifest['encoder']['id']} from {where}")
+
+
+@packs_app.command("import")
+def packs_import(
+    archive: Path = typer.Argument(..., help="A .cappack written by `capkit packs export`."),
+    force: bool = typer.Option(False, "--force", help="Replace an installed pack of another version or build."),
+    max_size_mb: int = MaxSizeOption(),
+    encoder_weights: Optional[str] = EncoderWeightsOption(),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Check a .cappack completely, then install it in one swap."""
+    from toolkit.progress import Report
+    from toolkit.share import import_pack
+
+    r = import_pack(archive, _packs_dir(packs_dir), force=force, max_bytes=max_size_mb * 2**20,
+                    encoder_weights=encoder_weights, report=Report(_Progress()))
+    _import_summary(r)
+
+
+IndexOption = typer.Option(None, "--index", help="Pack index: a URL or a file (default: $CAPKIT_INDEX; there is no built-in one).")
+
+
+@packs_app.command("install")
+def packs_install(
+    source: str = typer.Argument(..., help="A .cappack file, an http(s) URL of one, or a pack name in the index: zh, zh==1.2.0."),
+    index: Optional[str] = IndexOption,
+    force: bool = typer.Option(False, "--force", help="Replace an installed pack of another version or build."),
+    max_size_mb: int = MaxSizeOption(),
+    encoder_weights: Optional[str] = EncoderWeightsOption(),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Download (size and sha256 checked, resumed if cut), check like `import`, install."""
+    from toolkit.index import install
+    from toolkit.progress import Report
+
+    progress = _Progress()
+    r = install(source, _packs_dir(packs_dir), index=index, force=force, max_bytes=max_size_mb * 2**20,
+                encoder_weights=encoder_weights, report=Report(progress))
+    progress._close()
+    _import_summary(r.imported)
+
+
+@packs_app.command("available")
+def packs_available(index: Optional[str] = IndexOption, packs_dir: Optional[Path] = PacksDir):
+    """What an index offers, beside what is installed; a newer version is marked."""
+    from toolkit.index import available, index_location, load_index
+
+    idx = load_index(index_location(index))
+    rows = available(idx, _packs_dir(packs_dir))
+    if not rows:
+        typer.echo(f"{idx.location} offers no packs")
+        return
+    typer.echo(f"{'lang':6} {'name':14} {'version':9} {'size':>8} {'BLEU-4':>7} {'encoder':9} {'installed':10} note")
+    for r in rows:
+        s = r["scores"].get("test") or r["scores"].get("dev") or {}
+        b4 = f"{s['bleu4']:.1f}" if "bleu4" in s else "-"
+        note = {"newer": "newer than installed", "older": "older than installed", "installed": "installed"}.get(r["status"], "")
+        if r["needs"]:
+            note = f"needs capkit {r['needs']}" + (f"; {note}" if note else "")
+        typer.echo(f"{r['lang']:6} {r['name']:14} {r['version']:9} {r['size'] / 1e6:7.1f}M {b4:>7} "
+                   f"{'included' if r['encoder']['included'] else 'named':9} {r['installed'] or '-':10} {note}".rstrip())
+
+
+@packs_app.command("index")
+def packs_index(
+    folder: Path = typer.Argument(..., help="Folder of .cappack files to list."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Index to write (default: FOLDER/index.json)."),
+):
+    """Write the index of a folder of .cappack files, to serve beside them."""
+    from toolkit.index import build_index
+
+    data = build_index(folder, out)
+    where = out or folder / "index.json"
+    typer.echo(f"indexed {len(data['packs'])} pack(s) in {where}: "
+               + ", ".join(f"{e['lang']} {e['version']}" for e in data["packs"]))
 
 
 def main() -> None:

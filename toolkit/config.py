@@ -24,6 +24,7 @@ class EncoderConfig:
     name: str = "xception"      # the only backbone today; part of the encoder's identity
     image_size: int = 299       # square input side; Xception's own is 299, tests use 71 (its minimum)
     weights: str = "imagenet"   # "imagenet" (Keras download), "none" (random init, tests/demo) or a .weights.h5 path
+                                # or the id of an encoder registered in the packs dir (loaded, not rebuilt)
     batch_size: int = 32        # images per forward pass
     workers: int = 4            # threads decoding and resizing images ahead of the model
 
@@ -78,6 +79,8 @@ class TrainConfig:
     clipnorm: float = 5.0       # each gradient's norm is clipped to this; 0 turns clipping off
     label_smoothing: float = 0.1  # share of each target's probability spread over the whole vocabulary
     patience: int = 3           # epochs without dev-loss improvement before stopping
+    min_delta: float = 0.0      # an epoch improves only if dev loss falls by more than this (nats per token); the
+                                # best weights are kept whatever the gain
     seed: int = 0               # shuffling and initialisation
     strategy: str = "default"   # tf.distribute: default (one device) or mirrored (all local GPUs)
 
@@ -104,7 +107,7 @@ SEARCH = SearchConfig()
 # other missing field is still an error.
 ADDED_FIELDS = {
     "DecoderConfig": {"architecture": "lstm", "attention_reg": 1.0, "deep_output": False, "tokenizer": "unigram"},
-    "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0},
+    "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0},
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import os
 import re
 import secrets
@@ -234,6 +235,113 @@ def check_splits(splits: dict[str, list[str]], captions: CaptionFile) -> list[st
                 )
     return warnings
 
+
+
+SPLITS = ("train", "dev", "test")
+DEFAULT_SPLIT_RATIOS = (0.9, 0.05, 0.05)  # train, dev, test shares of the photos in a split capkit makes
+
+
+def parse_split_ratios(text: str) -> tuple[float, float, float]:
+    """``"90/5/5"`` -> ``(0.9, 0.05, 0.05)``: train/dev/test shares, normalised to sum to 1.
+
+    Separators ``/``, ``,`` or ``:``; a missing test share is 0 (no test
+    split). Train and dev must be positive: training stops early on dev loss.
+    """
+    parts = [p for p in re.split(r"[/,:]", text.strip())]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        values.append(0.0)
+    if len(values) != 3 or not all(v >= 0 for v in values) or not (values[0] > 0 and values[1] > 0):
+        raise CapkitError(f"--split-ratios {text!r}: expected train/dev/test shares such as 90/5/5",
+                          hint="three numbers >= 0 separated by '/', train and dev above 0; 90/10 means no test split")
+    total = sum(values)
+    return tuple(v / total for v in values)  # type: ignore[return-value]
+
+
+def split_by_photo(images: Iterable[str], ratios: tuple[float, float, float] = DEFAULT_SPLIT_RATIOS,
+                   seed: int = 0) -> dict[str, list[str]]:
+    """Cut distinct image names into train/dev/test, so one photo's captions are all on one side.
+
+    ``split_by_photo(["a.jpg", "b.jpg", ..., "t.jpg"], (0.9, 0.05, 0.05), seed=0)``
+    -> ``{"train": [18 names], "dev": [1 name], "test": [1 name]}``, each list sorted.
+
+    The order is sha256 of the seed and the name, so a seed gives the same
+    split on every machine and Python version. Dev gets at least one photo;
+    test gets none when its share is 0. Fewer than 2 photos raise CapkitError.
+    """
+    names = sorted(set(images))
+    if len(names) < 2:
+        raise CapkitError(f"{len(names)} captioned photo(s): too few to split into train and dev")
+    order = sorted(names, key=lambda n: hashlib.sha256(f"{seed}\0{n}".encode("utf-8")).hexdigest())
+    n = len(names)
+    n_dev = min(max(1, round(n * ratios[1])), n - 1)  # train keeps at least one photo
+    n_test = max(1, round(n * ratios[2])) if ratios[2] > 0 and n - n_dev >= 2 else 0
+    n_test = min(n_test, n - n_dev - 1)
+    return {
+        "train": sorted(order[n_dev + n_test :]),
+        "dev": sorted(order[:n_dev]),
+        "test": sorted(order[n_dev : n_dev + n_test]),
+    }
+
+
+def write_split(path: str | Path, images: Iterable[str]) -> None:
+    """Write a split file, one image name per line (the inverse of `read_split`), atomically.
+
+    ``["a.jpg", "b.jpg"]`` -> a file holding ``a.jpg\nb.jpg\n``
+    """
+    path = Path(path)
+    names = list(dict.fromkeys(images))
+    for name in names:
+        if not name or name != name.strip() or any(c in name for c in "#\t\r\n"):
+            raise CapkitError(f"{path}: cannot write image name {name!r} into a split file")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
+            f.write("".join(n + "\n" for n in names).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise CapkitError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def sniff_captions(path: str | Path) -> str | None:
+    """The caption layout of `path` ("flickr8k", "flickr8k-cn", "csv") judged by its first lines, or None.
+
+    Reads at most 64 KB: for telling caption files from split files,
+    annotations and readmes in a dataset folder, not for validating one.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    if head.startswith(codecs.BOM_UTF8):
+        head = head[len(codecs.BOM_UTF8) :]
+    text = head.decode("utf-8", "ignore").splitlines()
+    if len(head) == 1 << 16:
+        text = text[:-1]  # cut off by the read
+    lines = [(n, t.strip()) for n, t in enumerate(text, 1) if t.strip()][:_SNIFF_LINES]
+    if not lines:
+        return None
+    if {"image", "caption"} <= set(_csv_header(lines[0][1])):
+        return "csv"
+    good = 0
+    for _, line in lines:
+        try:
+            _split_token_line(line, "flickr8k")
+            good += 1
+        except _Skip:
+            pass
+    return _detect(lines) if good * 2 > len(lines) else None
 
 # -- reading ----------------------------------------------------------------
 

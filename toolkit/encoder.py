@@ -19,10 +19,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +44,15 @@ GRID_DIR = "grid"           # inside FEATURES_DIR: the spatial feature maps
 ENCODER_FORMAT = "capkit-encoder v1"
 FEATURE_DIM = 2048
 RANDOM_INIT_SEED = 1234
+DEFAULT_IMAGE_SIZE = EncoderConfig.image_size
+ENCODER_ID = re.compile(r"[a-z0-9]+-[0-9]+-[0-9a-f]{12}")  # "xception-299-1a2b3c4d5e6f", as `_identity` makes them
+# Digests (`_digest`: sha256 of every weight as float32, in model order) of the ImageNet-trained
+# Xception without its top; the same at every image size. This one is of the weights that
+# ../shared/tools/xception-imagenet-weights writes (the stock ImageNet Xception, taken from a
+# PyPI wheel), computed here from that file. Keras's own download could not be fetched to
+# confirm it gives the same digest; if it does not, `--encoder-weights imagenet` is refused
+# by the digest check below, never accepted wrongly.
+IMAGENET_DIGESTS = frozenset({"dd8fa9fc31ba124382395512a133fe425aa5c6667b16e5832bb79910d1b77829"})
 
 
 @dataclass
@@ -88,7 +98,19 @@ class Encoder:
 
     @classmethod
     def prepare(cls, config: EncoderConfig, packs_dir: Path, progress: Callable[[str], None] | None = None) -> "Encoder":
-        """Build the encoder `config.weights` names and register it in `packs_dir`."""
+        """Build the encoder `config.weights` names and register it in `packs_dir`.
+
+        `config.weights` may be the id of an encoder registered there
+        (`choose_encoder`): it is loaded, not rebuilt, and `config.image_size`
+        must be its size; `config.batch_size` and `workers` still apply.
+        """
+        if ENCODER_ID.fullmatch(config.weights):
+            enc = cls.load(packs_dir, config.weights)
+            if config.image_size != enc.config.image_size:
+                raise CapkitError(f"encoder {enc.id} takes {enc.config.image_size} px images, not {config.image_size}",
+                                  hint="drop --image-size, or pass weights (imagenet or a file) to make another encoder")
+            enc.config = replace(enc.config, batch_size=config.batch_size, workers=config.workers)
+            return enc
         model = _build(config, config.weights)
         identity = _identity(model, config)
         home = Path(packs_dir) / ENCODERS_DIR / identity["id"]
@@ -317,6 +339,117 @@ class Encoder:
         return (pooled.numpy()[:n], maps.numpy()[:n]) if grid else pooled.numpy()[:n]
 
 
+def registered_encoders(packs_dir: Path) -> list[dict]:
+    """Identities (`encoder.json`) of the encoders registered in `packs_dir`, by id; nothing is built or loaded."""
+    found = []
+    for path in sorted((Path(packs_dir) / ENCODERS_DIR).glob(f"*/{ENCODER_FILE}")):
+        try:
+            identity = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a damaged folder is reported by Encoder.load when it is asked for by id
+        if isinstance(identity, dict) and identity.get("format") == ENCODER_FORMAT and identity.get("id") == path.parent.name:
+            found.append(identity)
+    return found
+
+
+@dataclass
+class EncoderChoice:
+    """Which encoder a build without --encoder-weights uses, and the line that says so."""
+
+    weights: str        # for EncoderConfig.weights: as given, a registered encoder's id, or "imagenet" (a download)
+    image_size: int     # for EncoderConfig.image_size
+    note: str | None    # one line for the user when capkit chose; None when `weights` was given
+
+
+def choose_encoder(packs_dir: Path, weights: str | None = None, image_size: int | None = None) -> EncoderChoice:
+    """The encoder of a build or an extraction: `weights` when given, else the packs dir's one, else ImageNet's.
+
+    With no `weights`: the packs dir's encoder when it holds exactly one (of
+    `image_size`, when given); the ImageNet download when it holds none;
+    several raise CapkitError naming them, since which is the user's choice.
+
+    ``packs`` holding ``.encoders/xception-299-1a2b3c4d5e6f/`` ->
+    ``EncoderChoice("xception-299-1a2b3c4d5e6f", 299, "encoder: xception-299-1a2b3c4d5e6f ...")``
+    """
+    if weights is not None:
+        size = image_size
+        if size is None and ENCODER_ID.fullmatch(weights):  # an id: its own size, whatever the default
+            size = next((e["image_size"] for e in registered_encoders(packs_dir) if e["id"] == weights), None)
+        return EncoderChoice(weights, int(size or DEFAULT_IMAGE_SIZE), None)
+    have = [e for e in registered_encoders(packs_dir) if image_size is None or e.get("image_size") == image_size]
+    home = Path(packs_dir) / ENCODERS_DIR
+    if not have:
+        size = image_size or DEFAULT_IMAGE_SIZE
+        return EncoderChoice("imagenet", size, f"encoder: none registered in {home}"
+                             f"{f' for {size} px' if image_size else ''}; the ImageNet weights (a download)")
+    if len(have) > 1:
+        listed = ", ".join(f"{e['id']} ({e.get('source')} weights)" for e in have)
+        raise CapkitError(f"{home} holds {len(have)} encoders: {listed}",
+                          hint="say which with --encoder-weights ID (or imagenet, none or a weights file for a new one)")
+    e = have[0]
+    weights = "RANDOM weights, for tests and demos only" if e.get("source") == "none" else f"{e.get('source')} weights"
+    return EncoderChoice(e["id"], int(e["image_size"]),
+                         f"encoder: {e['id']} ({weights}, {e['image_size']} px), the one registered in {home}")
+
+
+def is_imagenet(identity: dict) -> bool:
+    """Whether an encoder identity (a manifest's "encoder" section) is the ImageNet Xception."""
+    return identity.get("source") == "imagenet" or identity.get("digest") in IMAGENET_DIGESTS
+
+
+def register_encoder(packs_dir: Path, expected: dict, weights: str | Path, *, move: bool = False) -> Path:
+    """Register in `packs_dir` the encoder `expected` names (a manifest's "encoder" section), from `weights`.
+
+    `weights` is "imagenet", "none" or a .weights.h5 path (moved into place
+    with `move`, else copied). Refused, with nothing written, unless the
+    weights as loaded have `expected["digest"]`; the folder appears whole or
+    not at all. Returns `.encoders/<id>/`.
+
+        register_encoder(packs, manifest["encoder"], "xception.weights.h5") -> packs/.encoders/xception-299-dd8f.../
+    """
+    import secrets
+    import shutil
+
+    from toolkit.pack import atomic_write_text
+
+    config = EncoderConfig(name=expected["name"], image_size=int(expected["image_size"]), weights=str(weights))
+    model = _build(config, str(weights))
+    identity = _identity(model, config)
+    if identity["digest"] != expected["digest"]:
+        what = "Keras's ImageNet weights" if weights == "imagenet" else f"the weights in {weights}"
+        raise CapkitError(
+            f"{what} are not the encoder {expected['id']} the pack was trained with (digest {identity['digest'][:12]}, "
+            f"the pack's {expected['digest'][:12]}); not registered",
+            hint="give the very weights the pack was built with",
+        )
+    identity["source"] = expected["source"]  # the pack's own record of where they came from
+    root = Path(packs_dir) / ENCODERS_DIR
+    home = root / expected["id"]
+    if home.exists():
+        raise CapkitError(f"{home} exists but holds no usable encoder; not overwritten",
+                          hint="move it away and run the same command again")
+    staging = root / f".register-{expected['id']}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(parents=True)
+        if identity["source"] != "none":  # random init is rebuilt from its seed
+            dst = staging / ENCODER_WEIGHTS_FILE
+            if weights == "imagenet":
+                model.save_weights(dst)
+            elif move:
+                os.replace(weights, dst)
+            else:
+                shutil.copyfile(weights, dst)
+        atomic_write_text(staging / ENCODER_FILE, json.dumps(identity, indent=2))
+        os.rename(staging, home)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CapkitError(f"{packs_dir}: cannot register the encoder there ({e.strerror or e})",
+                              hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write, with free space") from None
+        raise
+    return home
+
+
 def _build(config: EncoderConfig, weights: str):
     from toolkit.backend import import_tensorflow
 
@@ -346,7 +479,8 @@ def _build(config: EncoderConfig, weights: str):
     if weights not in ("none", ""):
         path = Path(weights)
         if not path.is_file():
-            raise CapkitError(f"{path}: no such weights file", hint="--encoder-weights takes imagenet, none or a .weights.h5 path")
+            raise CapkitError(f"{path}: no such weights file",
+                              hint="--encoder-weights takes imagenet, none, a .weights.h5 path or a registered encoder's id")
         try:
             model.load_weights(path)
         except Exception as e:

@@ -2,8 +2,13 @@
 
 An archive holds exactly `manifest.json` and the files its "files" map lists
 (tokenizer, decoder weights, captions, references, history, model card), all
-at the top level. The shared encoder is not in it: the manifest names it by
-id and digest, and the importing machine needs `.encoders/<id>/` of its own.
+at the top level. The manifest names the shared encoder by id and digest;
+exported `with_encoder`, the archive carries it too: `encoder.json` (its
+identity, plus the size and sha256 of its weights) and `encoder.weights.h5`
+(none for a random-init encoder, rebuilt from its seed). An import registers
+a carried encoder the machine lacks once the weights, as loaded, have the
+digest the manifest names; otherwise `encoder_weights` ("imagenet" or a
+path) can supply it, checked the same way.
 
 Import treats the archive as hostile until proven otherwise. It reads the zip
 directory and the manifest first (names, types, declared sizes, schema), then
@@ -14,6 +19,7 @@ sizes are only ever used to refuse early, never to accept: the byte counts
 that matter are the ones actually read.
 
     export_pack("lang_packs", "tr", "tr.cappack")            -> ExportResult
+    export_pack("lang_packs", "tr", "out/", with_encoder=True) -> ExportResult(path=out/capkit-tr-1.0.0.cappack, ...)
     import_pack("tr.cappack", "other_packs", force=False)   -> ImportResult(action="installed", ...)
 """
 
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from toolkit.encoder import ENCODER_FILE, ENCODER_FORMAT, ENCODER_WEIGHTS_FILE, ENCODERS_DIR
 from toolkit.errors import CapkitError
 from toolkit.pack import (
     DECODER_WEIGHTS_FILE, MANIFEST_FILE, TOKENIZER_FILE, file_sha256, find_pack, install_dir, load_manifest,
@@ -46,6 +53,26 @@ RATIO_FLOOR_BYTES = 1 * 2**20        # below this, a high ratio is just a small 
 _CHUNK = 1 << 16
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)   # fixed member times: exporting one pack twice gives identical bytes
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ENCODER_MEMBERS = (ENCODER_FILE, ENCODER_WEIGHTS_FILE)  # archive-level names a manifest may not list
+_IDENTITY_KEYS = ("id", "name", "image_size", "digest", "source")  # what a manifest says of its encoder
+# The carried encoder's `encoder.json`: the encoder folder's own file plus what its weights must be.
+ENCODER_MEMBER_SCHEMA = {
+    "type": "object",
+    "required": ["format", *_IDENTITY_KEYS, "feature_scale", "weights"],
+    "properties": {
+        "format": {"const": ENCODER_FORMAT},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+        "image_size": {"type": "integer", "minimum": 71},
+        "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "feature_scale": {"type": "number", "exclusiveMinimum": 0},
+        "weights": {"oneOf": [
+            {"type": "null"},  # random init: rebuilt from its seed, nothing to carry
+            {"type": "object", "required": ["file", "size", "sha256"], "additionalProperties": False,
+             "properties": {"file": {"const": ENCODER_WEIGHTS_FILE}, "size": {"type": "integer", "minimum": 1},
+                            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}},
+        ]},
+    },
+}
 
 
 @dataclass
@@ -55,6 +82,7 @@ class ExportResult:
     pack_version: str
     n_files: int       # members, the manifest included
     size: int          # bytes of the archive
+    with_encoder: bool = False  # the encoder is in the archive
 
 
 @dataclass
@@ -65,19 +93,26 @@ class ImportResult:
     action: str                       # "installed", "replaced" or "unchanged"
     previous_version: str | None      # pack_version replaced (or kept, when unchanged)
     warnings: list[str] = field(default_factory=list)
+    encoder_registered: str | None = None  # where the encoder came from when this import registered it:
+                                           # "archive", "imagenet" or a weights path; None if not
 
 
 # -- export --------------------------------------------------------------------
 
-def export_pack(packs_dir: Path, lang: str, out: Path) -> ExportResult:
+def export_pack(packs_dir: Path, lang: str, out: Path, *, with_encoder: bool = False) -> ExportResult:
     """Write the installed pack `lang` to the zip `out` (a folder gets `capkit-LANG-VERSION.cappack`).
 
     Every file is checked against the manifest while it is copied, so a
     damaged pack is never shared; the archive appears whole or not at all.
+    `with_encoder` adds the pack's encoder (its identity and weights).
     """
     folder = find_pack(Path(packs_dir), lang)
     manifest = load_manifest(folder)
+    encoder = _encoder_to_carry(Path(packs_dir), manifest) if with_encoder else None
+    folder_meant = str(out).endswith(("/", os.sep))  # "-o shelf/": a folder, made if need be
     out = Path(out)
+    if folder_meant:
+        out.mkdir(parents=True, exist_ok=True)
     if out.is_dir():
         out = out / f"capkit-{lang}-{manifest['pack_version']}{ARCHIVE_SUFFIX}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +122,35 @@ def export_pack(packs_dir: Path, lang: str, out: Path) -> ExportResult:
             zf.writestr(_member(MANIFEST_FILE), (folder / MANIFEST_FILE).read_bytes())
             for name, digest in sorted(manifest["files"].items()):
                 _copy_checked(folder / name, zf, name, digest, lang)
+            if encoder:
+                identity, weights = encoder
+                zf.writestr(_member(ENCODER_FILE), json.dumps(identity, indent=2, sort_keys=True).encode())
+                if weights:
+                    _copy_checked(weights, zf, ENCODER_WEIGHTS_FILE, identity["weights"]["sha256"], lang)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ExportResult(out, lang, manifest["pack_version"], 1 + len(manifest["files"]), out.stat().st_size)
+    n = 1 + len(manifest["files"]) + (0 if not encoder else 1 + bool(encoder[1]))
+    return ExportResult(out, lang, manifest["pack_version"], n, out.stat().st_size, bool(encoder))
+
+
+def _encoder_to_carry(packs_dir: Path, manifest: dict) -> tuple[dict, Path | None]:
+    """The archive's `encoder.json` for the pack's encoder, and its weights file (None: random init)."""
+    problem = encoder_problem(packs_dir, manifest)
+    if problem:
+        raise CapkitError(f"cannot export {manifest['lang']} with its encoder: {problem[0]}", hint=problem[1])
+    home = packs_dir / ENCODERS_DIR / manifest["encoder"]["id"]
+    identity = json.loads((home / ENCODER_FILE).read_text(encoding="utf-8"))
+    if identity.get("source") == "none":
+        return {**identity, "weights": None}, None
+    weights = home / ENCODER_WEIGHTS_FILE
+    if not weights.is_file():
+        raise CapkitError(f"{home}: no {ENCODER_WEIGHTS_FILE}; the encoder folder is damaged", hint="rebuild it")
+    spec = {"file": ENCODER_WEIGHTS_FILE, "size": weights.stat().st_size, "sha256": file_sha256(weights)}
+    return {**identity, "weights": spec}, weights
 
 
 def _member(name: str) -> zipfile.ZipInfo:
@@ -125,16 +182,20 @@ def import_pack(
     *,
     force: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    encoder_weights: str | None = None,
     report: Callable[..., None] | None = None,
 ) -> ImportResult:
     """Validate the `.cappack` at `archive`, then install it as `packs_dir/<lang>/` in one swap.
 
     Refuses (CapkitError, packs dir untouched) any archive that is not exactly
-    a manifest plus its listed files, plain and flat, within `max_bytes`
-    uncompressed, each matching its checksum. An installed pack of another
-    version or build is replaced only with `force`; the identical pack is a
-    no-op. A missing encoder is a warning (through `report("warning",
-    message=...)`), since it can be added later.
+    a manifest plus its listed files (and, optionally, its encoder), plain and
+    flat, within `max_bytes` uncompressed, each matching its checksum. An
+    installed pack of another version or build is replaced only with `force`;
+    the identical pack is a no-op. An encoder this packs dir lacks is
+    registered from the archive when it carries one, else from
+    `encoder_weights` ("imagenet" or a .weights.h5 path), in both cases only
+    if the weights as loaded have the manifest's digest. Still missing, it is
+    a warning (through `report("warning", message=...)`) saying how to add it.
     """
     archive, packs_dir = Path(archive), Path(packs_dir)
     warnings: list[str] = []
@@ -144,45 +205,86 @@ def import_pack(
         if report:
             report("warning", message=message)
 
-    try:
-        zf = zipfile.ZipFile(archive)
-    except FileNotFoundError:
-        raise CapkitError(f"{archive}: no such file") from None
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CapkitError(f"{archive}: not a capkit pack archive ({e})", hint="a .cappack is the zip `capkit packs export` writes") from None
+    zf = _open(archive)
     with zf:
-        manifest, manifest_bytes = _check_archive(zf, archive, max_bytes)
-        lang = manifest["lang"]
+        manifest, manifest_bytes, carried = _check_archive(zf, archive, max_bytes)
+        lang, enc = manifest["lang"], manifest["encoder"]
+        if encoder_weights == "imagenet" and not carried:
+            from toolkit.encoder import is_imagenet
+
+            if not is_imagenet(enc):
+                raise CapkitError(f"--encoder-weights imagenet: the {lang} pack's encoder {enc['id']} (weights: "
+                                  f"{enc['source']}) is not the ImageNet Xception; nothing installed",
+                                  hint="give --encoder-weights PATH to the weights the pack was built with")
         recover(packs_dir)
         final = packs_dir / lang
         previous = _installed_manifest(final)
-        if previous is not None and _same_build(previous, manifest_bytes, final):
-            _check_encoder(packs_dir, manifest, warn)
-            return ImportResult(lang, final, manifest, "unchanged", manifest["pack_version"], warnings)
+        unchanged = previous is not None and _same_build(previous, manifest_bytes, final)
         existed = final.exists()
-        if existed and not force:
+        if existed and not unchanged and not force:
             raise _refusal(final, previous, manifest)
-        created = not packs_dir.exists()
+        # The encoder is registered only where there is none by its id; one that differs stays a warning.
+        absent = not (packs_dir / ENCODERS_DIR / enc["id"] / ENCODER_FILE).exists()
+        source = ("archive" if carried else encoder_weights) if absent else None
+        made = [p for p in (packs_dir, packs_dir / ENCODERS_DIR) if not p.exists()]
         staging = packs_dir / f".import-{lang}-{secrets.token_hex(4)}"
+        weights_tmp = packs_dir / ENCODERS_DIR / f".import-{enc['id']}-{secrets.token_hex(4)}.weights.h5"
         try:
-            staging.mkdir(parents=True)
-            _extract(zf, archive, manifest, manifest_bytes, staging, max_bytes)
-            install_dir(staging, final)
+            if not unchanged:
+                staging.mkdir(parents=True)
+                _extract(zf, archive, manifest, manifest_bytes, staging, max_bytes)
+            if carried and carried["weights"]:
+                # Checked even when not needed here: an archive is whole or refused.
+                weights_tmp.parent.mkdir(parents=True, exist_ok=True)
+                _extract_weights(zf, archive, carried["weights"], weights_tmp if source == "archive" else None)
+            if source:
+                from toolkit.encoder import register_encoder
+
+                if source == "archive":
+                    weights = weights_tmp if carried["weights"] else "none"
+                    register_encoder(packs_dir, enc, weights, move=True)
+                else:
+                    register_encoder(packs_dir, enc, source)
+            if not unchanged:
+                install_dir(staging, final)
         except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
-            if created and packs_dir.is_dir() and not any(packs_dir.iterdir()):
-                packs_dir.rmdir()
+            weights_tmp.unlink(missing_ok=True)
+            for folder in reversed(made):  # what this import created, if it is empty again
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
             if isinstance(e, OSError):
                 raise CapkitError(f"{packs_dir}: cannot install the pack ({e.strerror or e})",
                                   hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write") from None
             raise
     _check_encoder(packs_dir, manifest, warn)
-    return ImportResult(lang, final, manifest, "replaced" if existed else "installed",
-                        (previous or {}).get("pack_version"), warnings)
+    action = "unchanged" if unchanged else "replaced" if existed else "installed"
+    kept = manifest["pack_version"] if unchanged else (previous or {}).get("pack_version")
+    return ImportResult(lang, final, manifest, action, kept, warnings, str(source) if source else None)
 
 
-def _check_archive(zf: zipfile.ZipFile, archive: Path, max_bytes: int) -> tuple[dict, bytes]:
-    """Everything the zip directory and the manifest can tell, before a byte is written."""
+def read_archive(archive: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict, dict | None]:
+    """(manifest, carried encoder.json or None) of a `.cappack`, after every check but the members' contents.
+
+    What `capkit packs index` reads; an import reads the same, then each member.
+    """
+    archive = Path(archive)
+    with _open(archive) as zf:
+        manifest, _, carried = _check_archive(zf, archive, max_bytes)
+    return manifest, carried
+
+
+def _open(archive: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(archive)
+    except FileNotFoundError:
+        raise CapkitError(f"{archive}: no such file") from None
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CapkitError(f"{archive}: not a capkit pack archive ({e})", hint="a .cappack is the zip `capkit packs export` writes") from None
+
+
+def _check_archive(zf: zipfile.ZipFile, archive: Path, max_bytes: int) -> tuple[dict, bytes, dict | None]:
+    """Everything the zip directory, the manifest and a carried encoder.json can tell, before a byte is written."""
     infos = zf.infolist()
     seen: set[str] = set()
     for info in infos:
@@ -227,18 +329,70 @@ def _check_archive(zf: zipfile.ZipFile, archive: Path, max_bytes: int) -> tuple[
     validate_manifest(manifest, f"{archive}:{MANIFEST_FILE}")
     files = manifest["files"]
     for name in files:
-        if not _SAFE_NAME.fullmatch(name) or name == MANIFEST_FILE:
+        if not _SAFE_NAME.fullmatch(name) or name in (MANIFEST_FILE, *_ENCODER_MEMBERS):
             raise CapkitError(f"{archive}: manifest lists the file {name!r}; refused", hint="pack files are plain names")
     for name in (TOKENIZER_FILE, DECODER_WEIGHTS_FILE):
         if name not in files:
             raise CapkitError(f"{archive}: manifest lists no {name}; not a usable pack")
-    expected = {MANIFEST_FILE, *files}
+    carried = _check_encoder_member(zf, archive, manifest) if ENCODER_FILE in seen else None
+    expected = {MANIFEST_FILE, *files, *((ENCODER_FILE,) if carried else ()),
+                *((ENCODER_WEIGHTS_FILE,) if carried and carried["weights"] else ())}
     unexpected, missing = sorted(seen - expected), sorted(expected - seen)
     if unexpected:
         raise CapkitError(f"{archive}: unexpected file(s) not listed in the manifest: {', '.join(unexpected)}; refused")
     if missing:
         raise CapkitError(f"{archive}: file(s) listed in the manifest are missing: {', '.join(missing)}; refused")
-    return manifest, raw
+    if carried and carried["weights"] and zf.getinfo(ENCODER_WEIGHTS_FILE).file_size != carried["weights"]["size"]:
+        raise CapkitError(f"{archive}: {ENCODER_WEIGHTS_FILE} is {zf.getinfo(ENCODER_WEIGHTS_FILE).file_size} bytes, "
+                          f"its {ENCODER_FILE} says {carried['weights']['size']}; refused")
+    return manifest, raw, carried
+
+
+def _check_encoder_member(zf: zipfile.ZipFile, archive: Path, manifest: dict) -> dict:
+    """The carried `encoder.json`, valid and naming the very encoder the manifest does."""
+    import jsonschema
+
+    where = f"{archive}:{ENCODER_FILE}"
+    raw = _read_bounded(zf, zf.getinfo(ENCODER_FILE), MAX_MANIFEST_BYTES, archive)
+    try:
+        carried = json.loads(raw.decode("utf-8"))
+        jsonschema.validate(carried, ENCODER_MEMBER_SCHEMA)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CapkitError(f"{where}: unreadable ({e}); refused") from None
+    except jsonschema.ValidationError as e:
+        field_ = "/".join(map(str, e.absolute_path)) or "(top level)"
+        raise CapkitError(f"{where}: invalid at {field_}: {e.message}; refused") from None
+    differs = [k for k in _IDENTITY_KEYS if carried[k] != manifest["encoder"][k]]
+    if differs:
+        raise CapkitError(f"{where}: not the encoder the manifest names ({', '.join(differs)} differ); refused")
+    if (carried["weights"] is None) != (carried["source"] == "none"):
+        raise CapkitError(f"{where}: weights {'missing' if carried['weights'] is None else 'given'} for an encoder "
+                          f"whose source is {carried['source']!r}; refused")
+    return carried
+
+
+def _extract_weights(zf: zipfile.ZipFile, archive: Path, spec: dict, dest: Path | None) -> None:
+    """Stream the carried weights to `dest` (or only hash them), checking their declared size and sha256."""
+    h, size = hashlib.sha256(), 0
+    out = open(dest, "xb") if dest else None
+    try:
+        def sink(chunk):
+            nonlocal size
+            size += len(chunk)
+            h.update(chunk)
+            if out:
+                out.write(chunk)
+
+        _read_bounded(zf, zf.getinfo(ENCODER_WEIGHTS_FILE), spec["size"], archive, sink)
+        if out:
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if out:
+            out.close()
+    if size != spec["size"] or h.hexdigest() != spec["sha256"]:
+        raise CapkitError(f"{archive}: {ENCODER_WEIGHTS_FILE} does not match the size and sha256 its {ENCODER_FILE} "
+                          "declares; refused", hint="the archive is damaged or was altered; get it again from its source")
 
 
 def _read_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, archive: Path, sink=None) -> bytes:
@@ -324,22 +478,33 @@ def _refusal(final: Path, previous: dict | None, manifest: dict) -> CapkitError:
 
 
 def encoder_problem(packs_dir: Path, manifest: dict) -> tuple[str, str] | None:
-    """(message, hint) when the encoder a pack was trained with is absent or different here; else None."""
-    from toolkit.encoder import ENCODER_FILE, ENCODERS_DIR
+    """(message, hint) when the encoder a pack was trained with is absent or different here; else None.
+
+    The hint names the one way to get that encoder: `--encoder-weights
+    imagenet|PATH` for the ImageNet Xception, `capkit encode` for a
+    random-init one, else an archive exported with the encoder.
+    """
+    from toolkit.encoder import is_imagenet
 
     enc = manifest["encoder"]
     home = Path(packs_dir) / ENCODERS_DIR / enc["id"]
-    weights = {"imagenet": "imagenet", "none": "none"}.get(enc["source"], "THE-SAME-FILE.weights.h5")
-    hint = (f"`capkit encode --encoder-weights {weights} --image-size {enc['image_size']} --images SOME_IMAGES "
-            f"--packs-dir {packs_dir}` creates {home}, or copy that folder from the pack's author")
+    if is_imagenet(enc):
+        hint = ("its encoder is the ImageNet Xception: run `capkit packs import` (or `install`) again with "
+                "--encoder-weights imagenet (Keras's download) or --encoder-weights PATH (a .weights.h5 of those weights)")
+    elif enc["source"] == "none":
+        hint = (f"`capkit encode --encoder-weights none --image-size {enc['image_size']} --images SOME_IMAGES "
+                f"--packs-dir {packs_dir}` creates {home}")
+    else:
+        hint = ("get the pack as exported with `capkit packs export --with-encoder`, or import it again with "
+                "--encoder-weights PATH to the weights it was built with")
     try:
         have = json.loads((home / ENCODER_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return f"encoder {enc['id']} ({enc['name']} {enc['image_size']}px, weights: {enc['source']}) is not in {home.parent}", hint
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return f"{home / ENCODER_FILE}: unreadable ({e})", hint
+        return f"{home / ENCODER_FILE}: unreadable ({e})", f"move {home} away, then: {hint}"
     if have.get("digest") != enc["digest"]:
-        return f"encoder {enc['id']} in {home.parent} differs from the one the pack was trained with", hint
+        return f"encoder {enc['id']} in {home.parent} differs from the one the pack was trained with", f"move {home} away, then: {hint}"
     return None
 
 

@@ -1,0 +1,65 @@
+"""Training batches: length buckets, captions grouped by image, every caption once an epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def lengths_and_images(n_images=300, per_image=5, seed=0):
+    rng = np.random.default_rng(seed)  # an image's captions are of like length, as Flickr8k's are
+    base = np.repeat(rng.integers(6, 24, n_images), per_image)
+    return base + rng.integers(-2, 7, n_images * per_image), np.repeat(np.arange(n_images), per_image)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_batch_plan_covers_every_caption_once_with_little_padding(grouped):
+    from toolkit.decoder import batch_plan
+
+    lengths, images = lengths_and_images()
+    rng = np.random.default_rng(1)
+    plan = batch_plan(lengths, 64, rng, images if grouped else None)
+    assert sorted(np.concatenate(plan)) == list(range(len(lengths)))
+    assert all(len(b) <= 64 for b in plan) and sum(len(b) < 64 for b in plan) <= 1
+    padded = np.mean([lengths[b].max() for b in plan])
+    shuffled = np.random.default_rng(2).permutation(len(lengths))
+    random_padded = np.mean([lengths[shuffled[i:i + 64]].max() for i in range(0, len(lengths), 64)])
+    assert padded < 0.8 * random_padded  # length buckets: far less padding than random batches
+    if grouped:  # an image's captions are together: consecutive in a batch, in at most two batches (a cut)
+        where = {}
+        for k, b in enumerate(plan):
+            im = images[b]
+            assert len(np.unique(im)) == 1 + np.count_nonzero(np.diff(im))
+            for m in np.unique(im):
+                where.setdefault(m, set()).add(k)
+        assert max(map(len, where.values())) <= 2
+    again = batch_plan(lengths, 64, rng, images if grouped else None)  # the next epoch mixes differently
+    assert [list(b) for b in again] != [list(b) for b in plan]
+    same = batch_plan(lengths, 64, np.random.default_rng(1), images if grouped else None)  # a seed repeats itself
+    assert [list(b) for b in same] == [list(b) for b in plan]
+
+
+def test_training_dataset_gives_each_caption_its_own_image_and_tokens():
+    from toolkit.config import DecoderConfig
+    from toolkit.decoder import Sequences, training_dataset
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 6)).astype(np.float32)
+    seqs = Sequences(np.repeat(np.arange(40, dtype=np.int32), 3), [list(rng.integers(4, 20, rng.integers(1, 12))) for _ in range(120)])
+    cfg = DecoderConfig(vocab_size=20, feature_dim=6, max_length=10)
+    _, inputs, targets = seqs.arrays(10)
+    epochs = []
+    ds = training_dataset(feats, seqs, cfg, 16, shuffle=True, seed=0)
+    for _ in range(2):
+        seen = []
+        for (f, x), y in ds:
+            f, x, y = f.numpy(), x.numpy(), y.numpy()
+            assert (x != 0).any(axis=0).all()  # cut to the batch's longest caption
+            for fi, xi, yi in zip(f, x, y):
+                i = next(i for i in range(120) if i not in seen and (inputs[i, :len(xi)] == xi).all()
+                         and (inputs[i, len(xi):] == 0).all() and (targets[i, :len(yi)] == yi).all()
+                         and (feats[seqs.image_index[i]] == fi).all())
+                seen.append(i)
+        assert sorted(seen) == list(range(120))
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
