@@ -283,6 +283,22 @@ def test_requests_that_arrive_together_are_captioned_in_one_call(captioner, phot
     assert list(results[-1].images[0].captions) == ["en"]
 
 
+def test_a_request_given_up_on_is_dropped_and_its_batch_still_answered(captioner, photos):
+    from toolkit.serve import BatchWorker, Job
+
+    worker = BatchWorker(captioner, wait_s=0.5).start()
+    try:
+        jobs = [Job([ImageBytes(p.name, p.read_bytes())], ("en",), SearchConfig(beam=1)) for p in photos[:3]]
+        for job in jobs:
+            worker.submit(job)
+        assert jobs[1].future.cancel()  # its client disconnected while the worker waited for company
+        done = [jobs[0].future.result(60), jobs[2].future.result(60)]
+    finally:
+        worker.stop(30)
+    assert [r.images[0].image for r in done] == [photos[0].name, photos[2].name] and done[0].batch_images == 2
+    assert worker._queued_images == 0
+
+
 def test_concurrent_clients_each_get_their_own_captions(served, photos, captioner):
     expected = {im.image: im.captions["en"].text for im in
                 captioner.caption([ImageBytes(p.name, p.read_bytes()) for p in photos], ["en"], SearchConfig()).images}

@@ -200,6 +200,12 @@ class BatchWorker:
             self._caption(rest)
 
     def _caption(self, jobs: list[Job]) -> None:
+        # A request whose client went away is cancelled: dropped here, and no longer cancellable after.
+        gone = [job for job in jobs if not job.future.set_running_or_notify_cancel()]
+        if gone:
+            with self._count_lock:
+                self._queued_images -= sum(len(job.images) for job in gone)
+            jobs = [job for job in jobs if job not in gone]
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
             groups.setdefault((job.langs, astuple(job.search)), []).append(job)
