@@ -122,7 +122,6 @@ class BatchWorker:
         self._stopping = False
         self.batches = 0            # `Captioner.caption` calls made
         self.images_done = 0        # images captioned or refused
-        self.last_error: str | None = None
 
     def start(self) -> "BatchWorker":
         self._thread = threading.Thread(target=self._run, name="capkit-caption-worker", daemon=True)
@@ -226,8 +225,7 @@ class BatchWorker:
                     mine = {(i - at, lang): s for (i, lang), s in strips.items() if at <= i < at + k and job.attention}
                     job.future.set_result(JobResult(batch.images[at : at + k], mine, start - job.queued, seconds, len(images)))
                     at += k
-            except Exception as e:  # a bug or a broken pack: each request gets a 500, the worker goes on
-                self.last_error = f"{type(e).__name__}: {e}"
+            except Exception as e:  # a bug or a broken pack: each request gets a 500 (logged there), the worker goes on
                 for job in group:
                     if not job.future.done():
                         job.future.set_exception(e)
@@ -393,7 +391,7 @@ def too_large_message(max_bytes: int) -> str:
 
 
 async def _send_json(send, status: int, message: str) -> None:
-    """An error answer sent before the app sees the request; the connection closes (its body is unread)."""
+    """An error answer sent before the app sees the request, closing the connection after it."""
     import json
 
     data = json.dumps({"error": message}).encode()
