@@ -132,7 +132,7 @@ def _time_fit(model, ds, warmup: int, steps: int) -> float:
         def on_train_batch_end(self, batch, logs=None):
             marks.append(time.perf_counter())
 
-    model.fit(ds.take(warmup + steps), epochs=1, verbose=0, callbacks=[Clock()])
+    model.fit(ds.take(warmup + steps), epochs=1, verbose=0, callbacks=[Clock()], shuffle=False)
     return marks[-1] - marks[warmup - 1]
 
 

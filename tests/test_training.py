@@ -63,3 +63,21 @@ def test_training_dataset_gives_each_caption_its_own_image_and_tokens():
         assert sorted(seen) == list(range(120))
         epochs.append(seen)
     assert epochs[0] != epochs[1]  # reshuffled every epoch
+
+
+def test_a_resumed_run_gets_the_batches_of_its_epoch_not_the_first_ones():
+    from toolkit.config import DecoderConfig
+    from toolkit.decoder import Sequences, training_dataset
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(30, 4)).astype(np.float32)
+    seqs = Sequences(np.repeat(np.arange(30, dtype=np.int32), 2), [list(rng.integers(4, 20, rng.integers(1, 12))) for _ in range(60)])
+    cfg = DecoderConfig(vocab_size=20, feature_dim=4, max_length=10)
+
+    def epoch(ds):
+        return [x.numpy().tolist() for (_, x), _ in ds]
+
+    unstopped = training_dataset(feats, seqs, cfg, 8, shuffle=True, seed=3)
+    first, second = epoch(unstopped), epoch(unstopped)
+    resumed = training_dataset(feats, seqs, cfg, 8, shuffle=True, seed=3, first_epoch=1)
+    assert epoch(resumed) == second != first

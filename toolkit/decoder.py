@@ -19,6 +19,7 @@ a tuple of per-row tensors, `step(tokens, *state)` returns
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -372,11 +373,13 @@ def batch_plan(lengths: np.ndarray, batch: int, rng: np.random.Generator, images
 
 
 def training_dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, batch: int, shuffle: bool, seed: int,
-                     by_image: bool | None = None):
+                     by_image: bool | None = None, first_epoch: int = 0):
     """Batches ((features, inputs), targets) of `seqs`, padded to the batch's longest caption.
 
     With `shuffle` (training), batches come from `batch_plan`, drawn afresh
-    each epoch from a generator seeded by `seed`; without it, in order. Where
+    each epoch from a generator seeded by (`seed`, epoch), counting from
+    `first_epoch`: a resumed run sees the batches it would have seen
+    unstopped, not epoch 1's again; without `shuffle`, in order. Where
     `by_image` (default: `batches_by_image(cfg)`), a batch's inputs are
     (its distinct images' features, inputs, row of each caption's image).
     """
@@ -397,8 +400,9 @@ def training_dataset(features: np.ndarray, seqs: Sequences, cfg: DecoderConfig, 
 
     if shuffle:
         lengths = (inp != PAD_ID).sum(axis=1)
-        rng = np.random.default_rng(seed)
-        plan = lambda: iter(batch_plan(lengths, batch, rng, idx if by_image else None))  # noqa: E731
+        epochs = itertools.count(first_epoch)
+        plan = lambda: iter(batch_plan(lengths, batch, np.random.default_rng((seed, next(epochs))),  # noqa: E731
+                                       idx if by_image else None))
         batches = tf.data.Dataset.from_generator(plan, output_signature=tf.TensorSpec([None], tf.int64))
         # Known, so that Keras counts steps instead of warning that the input "ran out of data".
         batches = batches.apply(tf.data.experimental.assert_cardinality(-(-len(idx) // batch)))
@@ -586,7 +590,6 @@ def train_decoder(
     checkpoint_dir = Path(checkpoint_dir)
     strategy = distribution_strategy(train_config.strategy)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(train_config.seed)
     mixed = _mixed_precision_wanted()
     state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
@@ -594,6 +597,9 @@ def train_decoder(
     resume = state_path.exists() and (checkpoint_dir / CHECKPOINT_LAST_FILE).exists()
     if resume:
         state = json.loads(state_path.read_text())
+    # A resumed run draws new dropout masks: replaying epoch 1's, with epoch 1's batches, let dev loss climb
+    # from the third epoch of a run resumed every epoch (scripts/epoch_bleu.py's first version).
+    keras.utils.set_random_seed(train_config.seed + 7919 * state["epoch"])
     with strategy.scope():
         model = training_model(config, train_config, train_features, state["lr"])
         if resume:
@@ -605,7 +611,8 @@ def train_decoder(
     by_image = batches_by_image(config) and strategy.num_replicas_in_sync == 1
     if not done:
         model.fit(
-            training_dataset(train_features, train, config, train_config.batch_size, True, train_config.seed, by_image),
+            training_dataset(train_features, train, config, train_config.batch_size, True, train_config.seed, by_image,
+                             first_epoch=state["epoch"]),
             validation_data=training_dataset(dev_features, dev, config, 256, False, 0, by_image) if len(dev.tokens) else None,
             epochs=train_config.epochs,
             initial_epoch=state["epoch"],
