@@ -63,7 +63,9 @@ def test_grid_features_stay_in_memory_when_the_cache_is_read_only(tiny_encoder, 
     ex = enc.extract(paths, grid=True)
     keys = [ex.keys[str(p)] for p in paths]
     assert ex.n_extracted == 3 and len(enc.grid_cache) == 0
-    np.testing.assert_allclose(enc.grid_features(keys).mean(axis=1), enc.features(keys), rtol=1e-5, atol=1e-12)
+    # Rows in memory are rounded to float16 as the cache's are, so the same tolerance as on disk.
+    pooled = enc.features(keys)
+    np.testing.assert_allclose(enc.grid_features(keys).mean(axis=1), pooled, rtol=2e-3, atol=2e-3 * np.abs(pooled).max())
 
 
 def test_grid_extraction_keeps_the_encoder_identity(tmp_path):

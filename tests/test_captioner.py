@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from toolkit.config import SearchConfig
@@ -126,3 +127,32 @@ def test_threads_sharing_a_captioner_get_what_one_thread_gets(captioner, images)
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda j: captioner.caption(j, search=SearchConfig(beam=1)).rows(), jobs))
     assert together == alone
+
+
+def test_without_a_feature_cache_captions_are_the_same_and_nothing_is_written(tiny_packs, images, tmp_path):
+    import shutil
+
+    from toolkit.captioner import Captioner
+    from toolkit.encoder import ENCODERS_DIR
+
+    packs = tmp_path / "packs"
+    shutil.copytree(tiny_packs, packs)
+    for cache in packs.glob(f"{ENCODERS_DIR}/*/features"):
+        shutil.rmtree(cache)  # the disk path must extract too, not read what other tests cached
+    search = SearchConfig(beam=2)
+    on_disk = Captioner(packs, ["all"]).caption(images, search=search)
+    eid = Captioner(packs, ["en"]).encoder_id("en")
+    features = packs / ENCODERS_DIR / eid / "features"
+    size = sum(f.stat().st_size for f in features.rglob("*") if f.is_file())
+    uploads = [ImageBytes(p.name, p.read_bytes()) for p in images]
+    memory = Captioner(packs, ["all"], feature_cache=False)
+    in_memory = memory.caption(uploads, search=search)
+    for a, b in zip(on_disk.images, in_memory.images):
+        assert {k: (c.text, c.ids) for k, c in a.captions.items()} == {k: (c.text, c.ids) for k, c in b.captions.items()}
+    enc = memory.encoder("en")
+    assert enc.cache is None and len(enc._memory) == len(images)
+    np.testing.assert_array_equal(enc.features([im.key for im in in_memory.images]),
+                                  Captioner(packs, ["en"]).encoder("en").features([im.key for im in on_disk.images]))
+    memory.forget_features()
+    assert enc._memory == {}
+    assert sum(f.stat().st_size for f in features.rglob("*") if f.is_file()) == size  # the uploads wrote nothing

@@ -322,7 +322,8 @@ def test_report_over_a_split_has_scores_charts_and_captions(split_report, tiny_p
     assert page.count("baseline: retrieval") == 2 and page.count('class="ci"') == 2 * 3 * 8
 
 
-def test_report_cli_captions_files_beside_given_references(tiny_packs, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("style", ["repeated --images", "positional, as caption takes them"])
+def test_report_cli_captions_files_beside_given_references(tiny_packs, tiny_dataset, tmp_path, style):
     from typer.testing import CliRunner
 
     from toolkit.cli import app
@@ -331,8 +332,11 @@ def test_report_cli_captions_files_beside_given_references(tiny_packs, tiny_data
     out = tmp_path / "r.html"
     args = ["report", "--lang", "en", "--lang", "zh", "--references", str(tiny_dataset["captions_en"]),
             "-o", str(out), "--packs-dir", str(tiny_packs), "--beam", "1"]
-    for f in files:
-        args += ["--images", str(f)]
+    if style.startswith("positional"):
+        args[1:1] = [str(f) for f in files]
+    else:
+        for f in files:
+            args += ["--images", str(f)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert str(out) in res.stdout
@@ -340,6 +344,16 @@ def test_report_cli_captions_files_beside_given_references(tiny_packs, tiny_data
     assert [a["alt"] for a in tags.find("img")] == [f.name for f in files]
     assert len(tags.find("td", **{"class": "given-refs"})) == 3
     assert "No scores" in out.read_text(encoding="utf-8")
+
+
+def test_report_cli_without_images_says_how_to_name_them(tiny_packs, tmp_path):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    res = CliRunner().invoke(app, ["report", "--lang", "en", "-o", str(tmp_path / "r.html"), "--packs-dir", str(tiny_packs)])
+    assert res.exit_code != 0 and isinstance(res.exception, CapkitError) and "no images" in res.exception.message
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_report_refuses_split_with_loose_files(tiny_packs, tiny_dataset):

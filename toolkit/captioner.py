@@ -72,10 +72,16 @@ class Captioner:
     Packs on different encoders may sit in one captioner: each image then
     goes through each encoder once. Threads may share one: captions are made
     one call at a time (the encoder's cache takes one writer), the others wait.
+
+    `feature_cache=False` keeps the features of its images in memory only,
+    not in the packs dir's cache: a server's uploads must not fill the disk.
+    They are rounded as the cache rounds them, so the captions are the same;
+    `forget_features()` drops them.
     """
 
-    def __init__(self, packs_dir: Path, langs: Sequence[str] = ("all",)):
+    def __init__(self, packs_dir: Path, langs: Sequence[str] = ("all",), *, feature_cache: bool = True):
         self.packs_dir = Path(packs_dir)
+        self.feature_cache = feature_cache
         self.langs: list[str] = resolve_langs(self.packs_dir, list(langs))
         self.manifests: dict[str, dict] = {lang: load_manifest(find_pack(self.packs_dir, lang)) for lang in self.langs}
         self._encoders: dict[str, object] = {}
@@ -96,8 +102,17 @@ class Captioner:
         eid = self.encoder_id(lang)
         with self._lock:
             if eid not in self._encoders:
-                self._encoders[eid] = Encoder.load(self.packs_dir, eid)
+                enc = Encoder.load(self.packs_dir, eid)
+                if not self.feature_cache:  # the same model and identity, without a home to cache in
+                    enc = Encoder(enc.model, enc.config, enc.identity, None)
+                self._encoders[eid] = enc
             return self._encoders[eid]
+
+    def forget_features(self) -> None:
+        """Drop every feature held in memory (all of them, with `feature_cache=False`)."""
+        with self._lock:
+            for enc in self._encoders.values():
+                enc.forget_features()
 
     def pack(self, lang: str) -> LoadedPack:
         """`lang`'s decoder and tokenizer, checked against its encoder."""

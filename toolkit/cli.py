@@ -385,8 +385,10 @@ def evaluate(
 
 @app.command("report")
 def report_cmd(
+    inputs: Optional[List[Path]] = typer.Argument(None, help="Images or folders of images, as `caption` takes them."),
     lang: List[str] = typer.Option(..., "--lang", help="Pack language; repeat for several, or 'all'."),
-    images: List[Path] = typer.Option(..., "--images", help="Folder or image files (with --split: the one folder)."),
+    images: Optional[List[Path]] = typer.Option(None, "--images", help="Folder or image files (with --split: the one "
+                                                "folder); the same as naming them after the options."),
     out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
     references: Optional[Path] = typer.Option(None, "--references", help="Reference captions to show (and score, with --split)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Score the packs on these images: adds the BLEU table."),
@@ -398,6 +400,9 @@ def report_cmd(
     packs_dir: Optional[Path] = PacksDir,
 ):
     """One self-contained HTML page: images with captions per language, BLEU table, loss curves."""
+    images = [*(inputs or []), *(images or [])]
+    if not images:
+        raise CapkitError("no images to report on", hint="name images or folders: capkit report photos/ --lang en -o r.html")
     search = _search_options(beam, length_penalty, no_repeat_ngram)
     for code in lang:
         code == "all" or _check_lang(code)
@@ -407,6 +412,51 @@ def report_cmd(
     page = build_report(images, lang, _packs_dir(packs_dir), references=references, split=split,
                         bootstrap=bootstrap, **search, limit=limit, out=out, report=Report(_Progress(quiet=True)))
     typer.echo(f"report written to {out} ({len(page.encode()) / 1e6:.1f} MB)")
+
+
+@app.command()
+def serve(
+    lang: List[str] = typer.Option(["all"], "--lang", help="Pack language to serve; repeat for several, or 'all'."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 opens it to the network."),
+    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Refuse request bodies bigger than this (413)."),
+    max_images: int = typer.Option(16, "--max-images", help="Most images in one request."),
+    max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Refuse images with more pixels (decompression bombs)."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms",
+                                        help="How long to wait for other requests to caption together with one."),
+    max_batch_images: int = typer.Option(64, "--max-batch-images", help="Most images captioned in one batch."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request's upload may take (408 after)."),
+    packs_dir: Optional[Path] = PacksDir,
+):
+    """Serve the packs: a web page at / and a JSON API under /v1, until Ctrl-C or SIGTERM."""
+    for code in lang:
+        code == "all" or _check_lang(code)
+    if not 0 <= port <= 65535:
+        raise CapkitError(f"--port must be from 0 to 65535, not {port}")
+    if not max_upload_mb > 0:
+        raise CapkitError(f"--max-upload-mb must be positive, not {max_upload_mb}")
+    for flag, value, low in (("--max-images", max_images, 1), ("--max-pixels", max_pixels, 1),
+                             ("--max-batch-images", max_batch_images, 1)):
+        _at_least(flag, value, low)
+    if not 0 <= batch_wait_ms <= 10_000:
+        raise CapkitError(f"--batch-wait-ms must be from 0 to 10000, not {batch_wait_ms}")
+    if not body_timeout > 0:
+        raise CapkitError(f"--body-timeout must be positive, not {body_timeout}")
+    from toolkit.captioner import Captioner
+    from toolkit.serve import ServeConfig, address, bind, create_app, server
+
+    config = ServeConfig(host=host, port=port, max_upload_mb=max_upload_mb, max_images=max_images, max_pixels=max_pixels,
+                         batch_wait_ms=batch_wait_ms, max_batch_images=max(max_batch_images, max_images),
+                         body_timeout_s=body_timeout)
+    sock = bind(host, port)  # before loading anything: a port in use fails in a second, not after the encoder
+    captioner = Captioner(_packs_dir(packs_dir), lang, feature_cache=False)
+    typer.echo(f"loading {', '.join(captioner.langs)}...", err=True)
+    captioner.load()
+    srv = server(create_app(captioner, config), sock, config)
+    typer.echo(f"serving {', '.join(captioner.langs)} at {address(sock)} (Ctrl-C stops)")
+    sys.stdout.flush()
+    srv.run(sockets=[sock])
+    typer.echo("stopped", err=True)
 
 
 @app.command()

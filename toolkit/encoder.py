@@ -182,7 +182,7 @@ class Encoder:
 
         Worker threads read, hash, decode and resize images ahead of the model
         (Pillow releases the GIL while decoding), so the forward pass is rarely
-        waiting; batches are padded to one shape so the graph is traced once.
+        waiting; batches are padded to a power of two so the graph is traced a few times only.
         """
         out = Extraction()
         paths = [p if isinstance(p, ImageBytes) else str(p) for p in paths]
@@ -288,12 +288,18 @@ class Encoder:
     def _store(self, keys: list[str], feats: np.ndarray, grids: np.ndarray | None = None) -> None:
         # Pooled rows already cached stay as they are: a grid request re-encodes them, it does not duplicate them.
         new = [i for i, k in enumerate(keys) if not self._has(k)]
-        self._store_rows(self.cache, self._memory, [keys[i] for i in new], feats[new])
+        self._store_rows(self.cache, self._memory, [keys[i] for i in new], feats[new], self.identity["feature_scale"])
         if grids is not None:
-            self._store_rows(self.grid_cache, self._grid_memory, keys, grids.reshape(len(keys), -1))
+            self._store_rows(self.grid_cache, self._grid_memory, keys, grids.reshape(len(keys), -1),
+                             self.identity["feature_scale"])
+
+    def forget_features(self) -> None:
+        """Drop the features held in memory (those of an encoder without a cache, or a read-only one)."""
+        self._memory.clear()
+        self._grid_memory.clear()
 
     @staticmethod
-    def _store_rows(cache: FeatureCache | None, memory: dict, keys: list[str], rows: np.ndarray) -> None:
+    def _store_rows(cache: FeatureCache | None, memory: dict, keys: list[str], rows: np.ndarray, scale: float) -> None:
         if not keys:
             return
         if cache is not None:
@@ -303,8 +309,10 @@ class Encoder:
             except CacheWriteError as e:
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
-        # The packs dir is read-only (a shared install): keep features for this run only.
-        for k, f in zip(keys, rows):
+        # No cache, or a read-only one (a shared install): keep features for this run only, rounded as the
+        # cache rounds them, so a caption does not depend on whether the features went through the disk.
+        rounded = np.asarray(np.asarray(rows * scale, dtype=np.float16), dtype=np.float32) / scale
+        for k, f in zip(keys, rounded):
             memory[k] = f
 
     def _encode_batch(self, images: np.ndarray, grid: bool = False):
@@ -322,9 +330,11 @@ class Encoder:
 
             self._forward = forward
         n = len(images)
-        bs = self.config.batch_size
-        if n < bs:  # one input shape, one trace
-            images = np.concatenate([images, np.zeros((bs - n, *images.shape[1:]), images.dtype)])
+        # Padded to the next power of two (at most the batch size): a few input shapes, so a few traces, and a
+        # small batch (a server's, or one photo) costs its own rows rather than a whole batch's.
+        size = min(self.config.batch_size, 1 << max(0, n - 1).bit_length())
+        if n < size:
+            images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
         pooled, maps = self._forward(images)
         return (pooled.numpy()[:n], maps.numpy()[:n]) if grid else pooled.numpy()[:n]
 

@@ -64,15 +64,16 @@ def thumbnail(path: str | Path, size: int = THUMB_SIZE, max_pixels: int | None =
     return _jpeg(_small_rgb(path, size, max_pixels), THUMB_QUALITY)
 
 
-def _small_rgb(path: str | Path, size: int, max_pixels: int | None = None):
-    """The image at `path` as an RGB Pillow image whose longest side is at most `size`."""
+def _small_rgb(path, size: int, max_pixels: int | None = None):
+    """The image at `path` (or an `ImageBytes`) as an RGB Pillow image whose longest side is at most `size`."""
     from PIL import Image, ImageOps
 
-    from toolkit.images import DEFAULT_MAX_PIXELS, ImageError, _to_rgb
+    from toolkit.images import DEFAULT_MAX_PIXELS, ImageBytes, ImageError, _to_rgb
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     try:
-        data = Path(path).read_bytes()
+        data = path.data if isinstance(path, ImageBytes) else Path(path).read_bytes()
+        path = path.name if isinstance(path, ImageBytes) else path
         Image.MAX_IMAGE_PIXELS = None  # the limit below is ours, as in images.decode_image
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > max_pixels:
