@@ -137,7 +137,7 @@ def test_min_delta_stops_on_small_gains_and_keeps_the_lowest_dev_loss(tmp_path):
     seqs = Sequences(np.arange(24, dtype=np.int32) % 12, [list(rng.integers(4, 20, size=rng.integers(2, 7))) for _ in range(24)])
     cfg = DecoderConfig(vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0, max_length=8)
     base = dict(epochs=6, batch_size=8, learning_rate=1e-2, lr_schedule="constant", clipnorm=0, patience=2)
-    _, free = train_decoder(feats, seqs, feats, seqs, cfg, TrainConfig(**base), tmp_path / "a")
+    _, free = train_decoder(feats, seqs, feats, seqs, cfg, TrainConfig(**base, min_delta=0.0), tmp_path / "a")
     losses = [h["val_loss"] for h in free["history"]]
     assert len(losses) == 6 and losses == sorted(losses, reverse=True)  # dev = train: every epoch gains
     # A gain no epoch reaches: stopped after `patience` epochs, yet the best weights are the lowest loss seen.
