@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import secrets
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -472,8 +474,6 @@ def write_pack(packs_dir: Path, lang: str, trained: Trained, tokenizer, captions
 
 
 def _hardware() -> str:
-    import os
-
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -483,7 +483,9 @@ def _hardware() -> str:
 def _check_writable(packs_dir: Path) -> None:
     try:
         packs_dir.mkdir(parents=True, exist_ok=True)
-        probe = packs_dir / ".write-probe"
+        # Named per process: a multiworker cluster's workers probe one shared folder at the same moment, and
+        # a shared name let one worker's unlink meet the other's already-removed probe (ENOENT).
+        probe = packs_dir / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
