@@ -172,12 +172,17 @@ def write_captions(path: str | Path, captions: Iterable[Caption]) -> None:
     CapkitError and leaves the target untouched.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     seen: set[tuple[str, int]] = set()
+    _write_atomically(path, (_token_line(caption, seen, path) for caption in captions))
+
+
+def _write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write `chunks` beside `path`, then rename over it: any failure, Ctrl-C included, leaves `path` as it was."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as f:  # "x": never clobber someone else's temp file
-            for caption in captions:
-                f.write(_token_line(caption, seen, path))
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -297,20 +302,11 @@ def write_split(path: str | Path, images: Iterable[str]) -> None:
     for name in names:
         if not name or name != name.strip() or any(c in name for c in "#\t\r\n"):
             raise CapkitError(f"{path}: cannot write image name {name!r} into a split file")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            f.write("".join(n + "\n" for n in names).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise CapkitError(f"{path}: cannot write ({e.strerror or e})") from None
+    _write_atomically(path, ["".join(n + "\n" for n in names).encode("utf-8")])
 
 
 def sniff_captions(path: str | Path) -> str | None:
