@@ -83,32 +83,40 @@ def _timed(fn) -> float:
 # -- FLOPs --------------------------------------------------------------------------------------------------------
 
 
-def step_flops(cfg, n_captions: int, n_images: int, padded_len: int, grid_cells: int) -> float:
+def step_flops(cfg, n_captions: int, n_images: int, padded_len: float, grid_cells: int, real_len: float | None = None) -> float:
     """Matrix-product FLOPs of one training step (forward x 3): `n_captions` captions of `padded_len` tokens.
 
     Per token, every decoder runs its LSTM gates ((input + U) x 4U) and the
-    head (U or 2U x vocab); attention adds the query (U x U), the scores and
-    the context (P x U each). Per image (or per caption where an image's work
-    is done per caption, `n_images == n_captions`): the pooled decoders' image
-    layers (2048 x U, twice for lstm), attention's projection (P x 2048 x U),
-    keys (P x U x U) and initial state (2 x U x U). Elementwise work (gates'
-    sigmoids, tanh over P x U energies, softmax) is not counted: FLOPs here
-    are what sgemm could do.
+    head (U, 2U or, with deep output, 2U x E + E, x vocab); attention adds
+    the query (U x U), the scores and the context (P x U each, or with
+    dot-product scores over a batch of images, m*P x U each against all of
+    its m images at once). Per image (or per caption where an image's work
+    is done per caption, `n_images == n_captions`): the pooled decoders'
+    image layers (2048 x U, twice for lstm), attention's projection
+    (P x 2048 x U), keys (P x U x U) and initial state (2 x U x U). The
+    attention loop runs only captions still going (`real_len` tokens each);
+    its embedding's share of the gates and the head run over `padded_len`.
+    Elementwise work (gates' sigmoids, tanh over P x U energies, softmax) is
+    not counted: FLOPs here are what sgemm could do.
     """
     U, E, V, D, P = cfg.units, cfg.embed_dim, cfg.vocab_size, cfg.feature_dim, grid_cells
     tokens = n_captions * padded_len
     if cfg.architecture == "lstm":
-        per_token, per_image = (E + U) * 4 * U + U * V, 2 * D * U
-    elif cfg.architecture == "merge":
-        per_token, per_image = (E + U) * 4 * U + U * U + U * V, D * U
-    else:
-        per_token = U * U + 2 * P * U + (E + 2 * U) * 4 * U + 2 * U * V
-        per_image = P * D * U + P * U * U + 2 * U * U
-    return 3 * 2 * (tokens * per_token + n_images * per_image)
+        return 3 * 2 * (tokens * ((E + U) * 4 * U + U * V) + n_images * 2 * D * U)
+    if cfg.architecture == "merge":
+        return 3 * 2 * (tokens * ((E + U) * 4 * U + U * U + U * V) + n_images * D * U)
+    grouped = cfg.attention_score == "dot" and n_images < n_captions
+    cells = n_images * P if grouped else P
+    loop_tokens = n_captions * (real_len or padded_len)
+    head = (2 * U * E + E * V) if cfg.deep_output else 2 * U * V
+    per_loop_token = U * U + 2 * cells * U + 2 * U * 4 * U
+    per_token = E * 4 * U + head
+    per_image = P * D * U + P * U * U + 2 * U * U
+    return 3 * 2 * (loop_tokens * per_loop_token + tokens * per_token + n_images * per_image)
 
 
-def batch_shapes(seqs, batch: int, max_length: int, by_image: bool, seed: int = 0) -> tuple[float, float]:
-    """Mean (padded length, distinct images) of one epoch's batches, planned as `training_dataset` plans them."""
+def batch_shapes(seqs, batch: int, max_length: int, by_image: bool, seed: int = 0) -> tuple[float, float, float]:
+    """Mean (padded length, distinct images, real length) of one epoch's batches, planned as `training_dataset` does."""
     import numpy as np
 
     from toolkit.decoder import batch_plan
@@ -117,7 +125,28 @@ def batch_shapes(seqs, batch: int, max_length: int, by_image: bool, seed: int = 
     lengths = (inp != 0).sum(axis=1)
     plan = batch_plan(lengths, batch, np.random.default_rng(seed), seqs.image_index if by_image else None)
     return (float(np.mean([lengths[b].max() for b in plan])),
-            float(np.mean([len(np.unique(seqs.image_index[b])) for b in plan])))
+            float(np.mean([len(np.unique(seqs.image_index[b])) for b in plan])), float(lengths.mean()))
+
+
+def parse_variant(spec: str):
+    """'attention', 'attention/attention_score=additive', 'lstm/batch_size=128' -> (name, DecoderConfig kw, TrainConfig kw)."""
+    from dataclasses import fields
+
+    from toolkit.config import DecoderConfig, TrainConfig
+
+    name, *settings = spec.split("/")
+    kw = ({}, {})
+    for item in settings:
+        key, _, value = item.partition("=")
+        for i, cls in enumerate((DecoderConfig, TrainConfig)):
+            f = next((f for f in fields(cls) if f.name == key), None)
+            if f is not None:
+                default = getattr(cls, key)
+                kw[i][key] = (value.lower() in ("1", "true")) if isinstance(default, bool) else type(default)(value)
+                break
+        else:
+            sys.exit(f"{spec}: {key} is no DecoderConfig or TrainConfig field")
+    return name, kw[0], kw[1]
 
 
 # -- one decoder on the real features -----------------------------------------------------------------------------
@@ -136,28 +165,29 @@ def _time_fit(model, ds, warmup: int, steps: int) -> float:
     return marks[-1] - marks[warmup - 1]
 
 
-def measure_decoder(name: str, packs_dir: Path, steps: int, warmup: int) -> dict:
+def measure_decoder(spec: str, packs_dir: Path, steps: int, warmup: int) -> dict:
     from toolkit.config import DecoderConfig, TrainConfig
     from toolkit.decoder import batches_by_image, training_dataset, training_model
 
+    name, dec_kw, train_kw = parse_variant(spec)
     grid = name == "attention"
     t0 = time.perf_counter()
     train_f, train_s, _, _, tok, cells, _, _ = full_split(packs_dir, "en", grid)
     load_s = time.perf_counter() - t0
-    cfg = DecoderConfig(architecture=name, vocab_size=tok.vocab_size)
-    tr = TrainConfig()
+    cfg = DecoderConfig(architecture=name, vocab_size=tok.vocab_size, **dec_kw)
+    tr = TrainConfig(**train_kw)
     model = training_model(cfg, tr, train_f)
     ds = training_dataset(train_f, train_s, cfg, tr.batch_size, shuffle=True, seed=tr.seed)
     by_image = batches_by_image(cfg)
     seconds = _time_fit(model, ds, warmup, steps)
     n_caps = len(train_s.tokens)
     captions_per_s = steps * tr.batch_size / seconds
-    padded, images = batch_shapes(train_s, tr.batch_size, cfg.max_length, by_image)
-    flops = step_flops(cfg, tr.batch_size, images if by_image else tr.batch_size, padded, cells)
-    return {"decoder": name, "train_captions": n_caps, "train_images": int(train_s.image_index.max() + 1),
+    padded, images, real = batch_shapes(train_s, tr.batch_size, cfg.max_length, by_image)
+    flops = step_flops(cfg, tr.batch_size, images if by_image else tr.batch_size, padded, cells, real)
+    return {"decoder": spec, "train_captions": n_caps, "train_images": int(train_s.image_index.max() + 1),
             "vocab": tok.vocab_size, "batch": tr.batch_size, "steps": steps, "seconds": seconds,
             "captions_per_s": captions_per_s, "seconds_per_epoch": n_caps / captions_per_s,
-            "padded_len": padded, "images_per_batch": images, "per_image_work_once": by_image,
+            "padded_len": padded, "real_len": real, "images_per_batch": images, "per_image_work_once": by_image,
             "step_gflop": flops / 1e9, "gflops": flops * steps / seconds / 1e9,
             "features_in_memory": not hasattr(train_f, "keys"), "load_seconds": load_s, "peak_rss_mb": _peak_mb()}
 
@@ -229,7 +259,9 @@ def table(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--packs-dir", type=Path, default=ROOT / "runs" / "full")
-    ap.add_argument("--decoders", default=",".join(DECODER_NAMES))
+    ap.add_argument("--decoders", default=",".join(DECODER_NAMES),
+                    help="comma-separated NAME[/FIELD=VALUE...], a DecoderConfig or TrainConfig field, "
+                         "e.g. attention/attention_score=additive,lstm/batch_size=128")
     ap.add_argument("--steps", type=int, default=100, help="timed training steps per measurement")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (tracing, first reads)")
     ap.add_argument("--scale", action="store_true", help="the synthetic 1x / 20x scaling runs instead of the decoders")

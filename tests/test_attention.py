@@ -94,7 +94,7 @@ def test_old_manifests_without_the_architecture_load_as_lstm():
     from toolkit.errors import CapkitError
 
     old = {k: v for k, v in asdict(DecoderConfig()).items() if k not in ADDED_FIELDS["DecoderConfig"]}
-    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm", tokenizer="unigram")
+    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm", tokenizer="unigram", attention_score="additive")
     new = asdict(DecoderConfig(architecture="attention", attention_reg=0.5))
     assert from_dict(DecoderConfig, new).architecture == "attention"
     with pytest.raises(CapkitError, match=r"missing \['units'\]"):  # every other field stays required
@@ -130,9 +130,10 @@ def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path):
     full = tf.nn.log_softmax(model((grids[:5], inputs))).numpy()
     state_ = model.initial_state(grids[:5])
     assert [tuple(s.shape) for s in state_] == [(5, 16), (5, 16), (5, 4, 16), (5, 4, 16)]
-    for t in range(inputs.shape[1]):
+    for t in range(inputs.shape[1]):  # at each caption's real positions (past its end the pass repeats its last)
         logp, *state_ = model.step(tf.constant(inputs[:, t]), *state_)
-        np.testing.assert_allclose(logp.numpy(), full[:, t], atol=1e-5)
+        real = inputs[:, t] != 0
+        np.testing.assert_allclose(logp.numpy()[real], full[real, t], atol=1e-5)
     maps = model.attention_maps(grids[:5], inputs)
     assert maps.shape == (5, 8, 4)
     np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
@@ -147,6 +148,41 @@ def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path):
     save_decoder(model, tmp_path / "d.weights.h5")
     again = load_decoder(cfg, tmp_path / "d.weights.h5")
     np.testing.assert_allclose(tf.nn.log_softmax(again((grids[:5], inputs))).numpy(), full, atol=1e-6)
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_attention_unroll_computes_what_the_plain_cell_loop_did(score):
+    """The hoisted input product, the longest-first running prefix and the grouped products change no number.
+
+    Reference: the loop as first written, one keras LSTMCell call per step on
+    [embedding, context] for every caption, padding included.
+    """
+    import tensorflow as tf
+
+    from toolkit.config import DecoderConfig
+    from toolkit.decoder import AttentionDecoder
+
+    grids, seqs = tiny_attention_data(2)
+    cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
+                        max_length=8, attention_score=score)
+    model = AttentionDecoder(cfg).build_all(8)
+    _, inputs, _ = seqs.arrays(8)
+    feats = grids[seqs.image_index]
+    h, c, a, keys = model.initial_state(feats)
+    x = model.embed(inputs)
+    hs, contexts, alphas = [], [], []
+    for t in range(inputs.shape[1]):
+        alpha, context = model._attend(h, a, keys)
+        _, (h, c) = model.cell(tf.concat([x[:, t], context], axis=-1), [h, c])
+        hs.append(h), contexts.append(context), alphas.append(alpha)
+    want = model._logits(tf.stack(hs, 1), tf.stack(contexts, 1), x).numpy()
+    real = inputs != 0  # past a caption's end the new loop repeats its last state instead
+    got, maps = model._unroll(feats, inputs)
+    np.testing.assert_allclose(got.numpy()[real], want[real], atol=1e-5)
+    np.testing.assert_allclose(maps.numpy()[real], tf.stack(alphas, 1).numpy()[real], atol=1e-6)
+    # Grouped by image (each image once, `rows` per caption): the same numbers.
+    grouped, _ = model._unroll(grids, inputs, rows=tf.constant(seqs.image_index))
+    np.testing.assert_allclose(grouped.numpy()[real], want[real], atol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [5, 8, 64])

@@ -46,7 +46,8 @@ def random_decoder(seed: int, architecture: str = "lstm", vocab: int = 12, units
     w, b = model.head.get_weights()
     model.head.set_weights([w * 4, b])
     if architecture == "attention":  # sharper attention too, so that where the model looks changes what it says
-        model.att_score.set_weights([w * 8 for w in model.att_score.get_weights()])
+        sharpen = model.att_keys if model.att_score is None else model.att_score  # dot-product scores: the keys
+        sharpen.set_weights([w * 8 for w in sharpen.get_weights()])
     feats = np.random.default_rng(seed + 100).normal(size=(7, *shape)).astype(np.float32)
     return model, feats
 

@@ -187,6 +187,8 @@ def build_pack(
     label_smoothing: float = typer.Option(TrainConfig.label_smoothing, "--label-smoothing", help="Target probability spread over the vocabulary."),
     attention_reg: float = typer.Option(DecoderConfig.attention_reg, "--attention-reg",
                                         help="attention only: weight of the penalty spreading attention over every grid cell."),
+    attention_score: str = typer.Option(DecoderConfig.attention_score, "--attention-score",
+                                        help="attention only: dot (scaled dot product) or additive (Bahdanau's)."),
     patience: int = typer.Option(TrainConfig.patience, "--patience", help="Epochs without dev improvement before stopping."),
     min_delta: float = typer.Option(TrainConfig.min_delta, "--min-delta",
                                     help="Smallest dev-loss fall that counts as an improvement."),
@@ -200,7 +202,7 @@ def build_pack(
                                       "(every machine of the TF_CONFIG cluster; run the same command on each)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
-    from toolkit.config import DECODER_ARCHITECTURES, LR_SCHEDULES, TOKENIZER_MODELS
+    from toolkit.config import ATTENTION_SCORES, DECODER_ARCHITECTURES, LR_SCHEDULES, TOKENIZER_MODELS
 
     _check_lang(lang)
     if decoder not in DECODER_ARCHITECTURES:
@@ -224,6 +226,8 @@ def build_pack(
         raise CapkitError(f"--clipnorm must be 0 or more, not {clipnorm}")
     if not min_delta >= 0:
         raise CapkitError(f"--min-delta must be 0 or more, not {min_delta}")
+    if attention_score not in ATTENTION_SCORES:
+        raise CapkitError(f"--attention-score must be one of {', '.join(ATTENTION_SCORES)}, not {attention_score!r}")
     if not attention_reg >= 0:
         raise CapkitError(f"--attention-reg must be 0 or more, not {attention_reg}")
     if not 0 <= label_smoothing < 1:
@@ -256,7 +260,8 @@ def build_pack(
         source_lang=source_lang, translator=translator, translator_options=options, split_method=plan.split,
         encoder_config=_encoder_config(weights, image_size, 32),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
-                                     dropout=dropout, attention_reg=attention_reg, tokenizer=tokenizer),
+                                     dropout=dropout, attention_reg=attention_reg, attention_score=attention_score,
+                                     tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy),

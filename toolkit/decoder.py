@@ -98,18 +98,26 @@ class AttentionDecoder(keras.Model):
 
     Show, Attend and Tell (Xu et al. 2015) with soft attention. The P = G*G
     grid vectors are normalised per channel and projected to annotations
-    a_1..a_P (`units` wide); h0 and c0 come from their mean. For each word,
-    Bahdanau attention scores every annotation against the previous h,
-    alpha = softmax_i(v . tanh(W_a a_i + W_h h)), the context is
-    sum_i alpha_i a_i, and the LSTM cell reads [word embedding, context].
-    The head reads [h, context] (or the paper's deep output, see
-    `DecoderConfig.deep_output`). While training, the doubly stochastic
-    penalty `attention_reg * sum_i (1 - sum_t alpha_ti)**2`, per caption
-    token, keeps the model from staring at one cell for the whole caption.
+    a_1..a_P (`units` wide); h0 and c0 come from their mean. For each word
+    the previous h scores every annotation, alpha = softmax_i(e_i), the
+    context is sum_i alpha_i a_i, and the LSTM cell reads [word embedding,
+    context]. The score (`DecoderConfig.attention_score`) is scaled
+    dot-product, e_i = (W_h h) . (W_a a_i) / sqrt(units), or the paper's
+    additive e_i = v . tanh(W_a a_i + W_h h). The head reads [h, context]
+    (or the paper's deep output, see `DecoderConfig.deep_output`). While
+    training, the doubly stochastic penalty `attention_reg * sum_i (1 -
+    sum_t alpha_ti)**2`, per caption token, keeps the model from staring at
+    one cell for the whole caption.
 
     Teacher forcing runs one tf.while_loop over the batch's steps; dropout,
-    the word embeddings and the head act on whole sequences outside it, so
-    the loop holds only the attention and the cell.
+    the word embeddings, their share of the cell's input product and the
+    head act on whole sequences outside it, so the loop holds only the
+    attention and the cell's recurrent products. Inside it, captions are
+    ordered longest first and step t runs only the captions still going.
+    When a batch holds each image once (`rows`), dot-product scores and
+    contexts are two products against all the batch's annotations at once,
+    masked to each caption's own image: no per-caption copy of a 100-cell
+    grid is made, read or differentiated.
 
     The decoding state is (h, c, annotations, attention keys): the last two
     are per-image tensors the step needs, carried as state so that beams
@@ -131,10 +139,10 @@ class AttentionDecoder(keras.Model):
         self.init_c = keras.layers.Dense(c.units, activation="tanh")
         self.att_keys = keras.layers.Dense(c.units, use_bias=False)  # W_a a_i, once per image
         self.att_query = keras.layers.Dense(c.units)  # W_h h, once per word
-        self.att_score = keras.layers.Dense(1, use_bias=False)  # v
+        self.att_score = keras.layers.Dense(1, use_bias=False) if c.attention_score == "additive" else None  # v
         self.embed = keras.layers.Embedding(c.vocab_size, c.embed_dim)
         self.emb_drop = keras.layers.Dropout(c.dropout)
-        self.cell = keras.layers.LSTMCell(c.units)
+        self.cell = keras.layers.LSTMCell(c.units)  # its weights; `_cell` computes what its call would
         self.deep = keras.layers.Dense(c.embed_dim) if c.deep_output else None
         self.out_drop = keras.layers.Dropout(c.dropout)
         self.head = keras.layers.Dense(c.vocab_size, dtype="float32")  # float32 logits under mixed precision
@@ -145,16 +153,50 @@ class AttentionDecoder(keras.Model):
         mean = tf.reduce_mean(a, axis=1)
         return self.init_h(mean), self.init_c(mean), a, self.att_keys(a)
 
+    def _weights(self, dtype):
+        """The cell's kernel split by what it reads (embedding, context), its recurrent kernel and bias, as `dtype`."""
+        e = self.config.embed_dim
+        if not self.cell.built:  # never called as a layer, so built here
+            self.cell.build((None, e + self.config.units))
+        kernel = tf.cast(self.cell.kernel, dtype)
+        return kernel[:e], kernel[e:], tf.cast(self.cell.recurrent_kernel, dtype), tf.cast(self.cell.bias, dtype)
+
+    def _input_part(self, x):
+        """The embedding's share of the cell's pre-activations, for any leading shape: x (..., E) -> (..., 4*units)."""
+        w_x, _, _, bias = self._weights(x.dtype)
+        return tf.tensordot(x, w_x, 1) + bias
+
+    def _cell(self, zx, context, h, c):
+        """keras.layers.LSTMCell's step on [x, context], with x's product `zx` made beforehand (`_input_part`)."""
+        _, w_ctx, w_rec, _ = self._weights(h.dtype)
+        z = zx + tf.matmul(context, w_ctx) + tf.matmul(h, w_rec)
+        i, f, g, o = tf.split(z, 4, axis=-1)
+        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+        return tf.sigmoid(o) * tf.tanh(c), c
+
     def _attend(self, h, a, keys):
-        e = self.att_score(tf.tanh(keys + self.att_query(h)[:, None, :]))[..., 0]  # (n, P)
+        """Each row against its own image: a, keys (n, P, units) -> (alpha (n, P), context (n, units))."""
+        q = self.att_query(h)
+        if self.att_score is not None:
+            e = self.att_score(tf.tanh(keys + q[:, None, :]))[..., 0]
+        else:
+            e = tf.einsum("nu,npu->np", q, keys) * (self.config.units ** -0.5)
         alpha = tf.nn.softmax(e, axis=-1)
         return alpha, tf.einsum("np,npu->nu", alpha, a)
 
-    def _advance(self, x, h, c, a, keys):
-        """One word: attend from the previous h, then the cell reads [embedding, context]."""
-        alpha, context = self._attend(h, a, keys)
-        _, (h, c) = self.cell(tf.concat([x, context], axis=-1), [h, c])
-        return h, c, context, alpha
+    def _attend_images(self, h, a, keys, own):
+        """Rows against a batch of images: a, keys (m, P, units), own (n, m) one-hot -> (alpha (n, P), context).
+
+        Dot-product scores of every row against every image's cells are one
+        product, (n, units) x (units, m*P); each row keeps its own image's.
+        """
+        m, p = tf.shape(a)[0], tf.shape(a)[1]
+        q = self.att_query(h)
+        e = tf.reshape(tf.matmul(q, tf.reshape(keys, [m * p, -1]), transpose_b=True), [-1, m, p])
+        e = tf.reduce_sum(e * own[:, :, None], axis=1) * (self.config.units ** -0.5)
+        alpha = tf.nn.softmax(e, axis=-1)
+        spread = tf.reshape(own[:, :, None] * alpha[:, None, :], [-1, m * p])  # alpha at the row's image, 0 elsewhere
+        return alpha, tf.matmul(spread, tf.reshape(a, [m * p, -1]))
 
     def _logits(self, h, context, x, training=False):
         y = tf.concat([h, context], axis=-1)
@@ -167,21 +209,42 @@ class AttentionDecoder(keras.Model):
 
         With `rows` (n,), `features` holds each distinct image once and caption
         i reads row `rows[i]`: the per-image work runs once per image.
+        Positions past a caption's end repeat its last state and attention
+        (their loss is masked).
         """
         h, c, a, keys = self.initial_state(features, training)
-        if rows is not None:
-            h, c, a, keys = (tf.gather(v, rows) for v in (h, c, a, keys))
+        n, steps = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        lengths = tf.reduce_sum(tf.cast(tokens != PAD_ID, tf.int32), axis=1)
+        order = tf.argsort(lengths, direction="DESCENDING", stable=True)  # running captions are a prefix
+        lengths, tokens = tf.gather(lengths, order), tf.gather(tokens, order)
+        grouped = rows is not None and self.att_score is None
+        rows = tf.gather(tf.range(n) if rows is None else rows, order)
+        h, c = tf.gather(h, rows), tf.gather(c, rows)
+        own = tf.one_hot(rows, tf.shape(a)[0], dtype=h.dtype) if grouped else None
+        if not grouped:
+            a, keys = tf.gather(a, rows), tf.gather(keys, rows)
         x = self.emb_drop(self.embed(tokens), training=training)  # (n, T, E)
-        xs = tf.transpose(x, [1, 0, 2])
-        steps = tf.shape(tokens)[1]
+        zxs = tf.transpose(self._input_part(x), [1, 0, 2])  # (T, n, 4*units), one product for all steps
         outs = [tf.TensorArray(h.dtype, size=steps) for _ in range(3)]
+        context = tf.zeros_like(h)
+        alpha = tf.zeros([n, tf.shape(a)[1]], h.dtype)
 
-        def body(t, h, c, hs, contexts, alphas):
-            h, c, context, alpha = self._advance(xs[t], h, c, a, keys)
-            return t + 1, h, c, hs.write(t, h), contexts.write(t, context), alphas.write(t, alpha)
+        def body(t, h, c, context, alpha, hs, contexts, alphas):
+            k = tf.reduce_sum(tf.cast(lengths > t, tf.int32))
+            if own is None:
+                al, ctx = self._attend(h[:k], a[:k], keys[:k])
+            else:
+                al, ctx = self._attend_images(h[:k], a, keys, own[:k])
+            h_k, c_k = self._cell(zxs[t][:k], ctx, h[:k], c[:k])
+            h, c, context, alpha = (_update_prefix(old, new) for old, new in ((h, h_k), (c, c_k), (context, ctx),
+                                                                              (alpha, al)))
+            return t + 1, h, c, context, alpha, hs.write(t, h), contexts.write(t, context), alphas.write(t, alpha)
 
-        _, _, _, hs, contexts, alphas = tf.while_loop(lambda t, *_: t < steps, body, (tf.constant(0), h, c, *outs))
-        seq = lambda ta: tf.transpose(ta.stack(), [1, 0, 2])  # noqa: E731
+        *_, hs, contexts, alphas = tf.while_loop(lambda t, *_: t < steps, body,
+                                                 (tf.constant(0), h, c, context, alpha, *outs))
+        back = tf.math.invert_permutation(order)
+        seq = lambda ta: tf.gather(tf.transpose(ta.stack(), [1, 0, 2]), back)  # noqa: E731
+        x = tf.gather(x, back)
         return self._logits(seq(hs), seq(contexts), x, training), seq(alphas)
 
     def call(self, inputs, training=False):
@@ -198,7 +261,8 @@ class AttentionDecoder(keras.Model):
     def step(self, tokens, h, c, a, keys):
         """One token per row -> (log-probabilities of the next token, h, c, annotations, keys)."""
         x = self.embed(tokens)
-        h, c, context, _ = self._advance(x, h, c, a, keys)
+        _, context = self._attend(h, a, keys)
+        h, c = self._cell(self._input_part(x), context, h, c)
         return tf.nn.log_softmax(tf.cast(self._logits(h, context, x), tf.float32)), h, c, a, keys
 
     def attention_maps(self, features, tokens) -> np.ndarray:
@@ -221,6 +285,13 @@ class AttentionDecoder(keras.Model):
             self.norm.build((None, None, feature_dim))
         self((np.zeros((1, 1, feature_dim), np.float32), np.full((1, 2), BOS_ID, np.int32)))
         return self
+
+
+def _update_prefix(old, new):
+    """`old` with its first len(new) rows replaced by `new`, keeping old's static shape (a while_loop invariant)."""
+    out = tf.concat([new, old[tf.shape(new)[0]:]], 0)
+    out.set_shape(old.shape)
+    return out
 
 
 class MergeDecoder(_PooledFeatures, keras.Model):
