@@ -104,6 +104,11 @@ def test_missing_images_are_counted_and_skipped(tiny_dataset, tmp_path):
     res = build_tiny_pack("en", dict(tiny_dataset, images=images), tmp_path / "packs", train=dict(epochs=1))
     assert res.manifest["data"]["n_missing_images"] == 5
     assert any("5 images" in w for w in res.warnings)
+    from toolkit.build import STAGES
+
+    stages = res.manifest["stage_seconds"]  # what the CLI prints as the build's stage times
+    assert list(stages) == list(STAGES) and all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) <= res.manifest["build_seconds"] + 0.5
 
 
 def test_interrupted_training_resumes_from_checkpoint(tiny_dataset, tmp_path):

@@ -145,6 +145,8 @@ def build_pack(
                              tokenizer, dec_cfg, tr_cfg, trained, scores, split_method)
     final = write_pack(packs_dir, lang, trained, tokenizer, translation.captions, features.present, manifest)
     manifest["build_seconds"] = round(time.perf_counter() - started, 1)
+    report.end_stage()
+    manifest["stage_seconds"] = dict(report.stage_seconds)  # returned, not in the pack's file
     return BuildResult(final, manifest, report.warnings)
 
 

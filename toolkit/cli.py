@@ -273,6 +273,7 @@ def build_pack(
     m = result.manifest
     typer.echo(f"pack {lang} written to {result.pack_dir} in {m['build_seconds']:.0f}s "
                f"({decoder} decoder, {m['data']['n_train_images']} train images, {m['training']['epochs_run']} epochs)")
+    typer.echo("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in m["stage_seconds"].items()))
     from toolkit.evaluate import BleuResult, format_table
 
     for split, systems in m["scores"].items():

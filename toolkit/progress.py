@@ -5,6 +5,7 @@ The CLI renders the events as progress bars and warnings; tests record them.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 
@@ -13,14 +14,27 @@ class Report:
 
     Kinds: "stage" (name), "progress" (stage, done, total), "warning" (message),
     "epoch" (epoch, loss, val_loss, ...). The CLI renders them; tests record them.
+    Each stage's wall time, from its event to the next one's (or `end_stage`),
+    is kept in `stage_seconds`.
     """
 
     def __init__(self, callback: Callable[..., None] | None = None):
         self.callback = callback
         self.warnings: list[str] = []
+        self.stage_seconds: dict[str, float] = {}
+        self._stage: tuple[str, float] | None = None
+
+    def end_stage(self) -> None:
+        if self._stage:
+            name, since = self._stage
+            self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + time.perf_counter() - since, 1)
+            self._stage = None
 
     def __call__(self, kind: str, **fields) -> None:
         if kind == "warning":
             self.warnings.append(fields["message"])
+        elif kind == "stage":
+            self.end_stage()
+            self._stage = (fields["name"], time.perf_counter())
         if self.callback:
             self.callback(kind, **fields)
