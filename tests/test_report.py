@@ -452,22 +452,26 @@ def test_evaluate_cli_json_has_every_score_baseline_and_interval(tiny_packs, tin
     assert res.exit_code == 0, res.output
     results = json.loads(res.stdout)
     keys = {"lang", "n_images", "n_references", "tokenization", "signature", "baselines", "ci"}
-    keys |= {f"bleu{n}{s}" for n in range(1, 5) for s in ("", "_nobp")}
+    keys |= {f"bleu{n}{s}" for n in range(1, 5) for s in ("", "_nobp")} | {"cider_d"}
     assert [r["lang"] for r in results] == ["en", "zh"]
     for r in results:
         assert keys <= set(r) and "captions" not in r
         assert set(r["baselines"]) == {"constant", "retrieval"}
         for system in (r, *r["baselines"].values()):
             assert system["n_images"] == 8 and system["n_references"] == 40
-            assert set(system["ci"]) == {k for k in keys if k.startswith("bleu")}
+            assert set(system["ci"]) == {k for k in keys if k.startswith("bleu")} | {"cider_d"}
             lo, hi = system["ci"]["bleu4"]
             assert lo <= hi and all(0 <= x <= 100 for x in (lo, hi))
+            lo, hi = system["ci"]["cider_d"]
+            assert 0 <= lo <= system["cider_d"] <= hi
             assert system["bleu4_nobp"] >= system["bleu4"] - 1e-9 and not math.isnan(system["bleu1"])
         assert r["tokenization"] == ("chars" if r["lang"] == "zh" else "words")
         assert "smooth:none" in r["signature"] and "nltk:" in r["signature"] and "pack:1.0.0" in r["signature"]
+        assert "capkit-bleu:2" in r["signature"] and "cider-d:sigma6" in r["signature"]
     table = CliRunner().invoke(app, common)
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
     assert "B4 noBP" in lines[0] and "B4 95% CI" in lines[0]
+    assert "CIDEr-D" in lines[0] and "CIDEr-D 95% CI" in lines[0]
     assert sum("baseline: constant" in ln for ln in lines) == 2 and sum("baseline: retrieval" in ln for ln in lines) == 2
     assert sum(ln.startswith("signature: ") for ln in lines) == 2
