@@ -139,7 +139,8 @@ def test_score_an_installed_pack_again_reproduces_its_scores(tiny_packs, tiny_da
     assert set(scores) == {"dev", "test"}
     for split in scores:
         for system in ("model", "retrieval", "constant"):
-            assert scores[split][system]["bleu4"] == pytest.approx(m["scores"][split][system]["bleu4"], abs=1e-6)
+            for name in ("bleu4", "cider_d"):
+                assert scores[split][system][name] == pytest.approx(m["scores"][split][system][name], abs=1e-6)
     greedy = build.score_splits(pack.step, pack.tokenizer, features, texts, "en", m["decoder"]["max_length"],
                                 m["pack_version"], SearchConfig(beam=1, length_penalty=0.0, no_repeat_ngram=0))
     assert (greedy["dev"]["model"]["beam"], greedy["dev"]["model"]["no_repeat_ngram"]) == (1, 0)

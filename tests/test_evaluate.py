@@ -1,4 +1,4 @@
-"""BLEU on known values, agreement with nltk, bootstrap and the baselines."""
+"""BLEU and CIDEr-D on known values, agreement with nltk and coco-caption, bootstrap and the baselines."""
 
 import math
 import random
@@ -145,6 +145,93 @@ def test_agrees_with_nltk_corpus_bleu(seed):
     assert [r.bleu1, r.bleu2, r.bleu3, r.bleu4] == pytest.approx(expected, rel=1e-12, abs=1e-9)
 
 
+# --- CIDEr-D ----------------------------------------------------------------
+
+
+def test_cider_d_known_value():
+    # Two images, so idf = log 2 - log(images whose references hold the n-gram):
+    # "a" is in both images' references -> idf 0; every other reference n-gram,
+    # and an n-gram in no reference, -> idf log 2 =: L. Weights are raw counts x idf.
+    #
+    # image 1: hyp "dog runs"; refs "dog runs", "a dog"
+    #   vs "dog runs": identical vectors, cosine 1 for n = 1 and n = 2; no 3- or
+    #     4-grams (0); same length, penalty 1 -> 1 + 1 + 0 + 0 = 2
+    #   vs "a dog": n = 1: hyp {dog: L, runs: L}, norm L*sqrt(2); ref {a: 0, dog: L},
+    #     norm L; dot min(L, L)*L = L^2 -> 1/sqrt(2); n = 2: "dog runs" vs "a dog" -> 0
+    #   score = 10 * (2 + 1/sqrt(2)) / (4 orders * 2 refs) = 3.383883
+    # image 2: hyp "cat cat"; ref "a cat sits"
+    #   n = 1: hyp {cat: 2L}, norm 2L; ref {a: 0, cat: L, sits: L}, norm L*sqrt(2);
+    #     clipped dot min(2L, L)*L = L^2 -> 1/(2*sqrt(2)) = 0.353553 (unclipped
+    #     cosine would give 1/sqrt(2): the repeat is what clipping punishes)
+    #   n = 2: "cat cat" vs "a cat", "cat sits" -> 0; n = 3, 4: no hyp n-grams -> 0
+    #   lengths 2 vs 3: penalty exp(-1/(2*6^2)) = exp(-1/72) = 0.986207
+    #   score = 10 * 0.353553 * 0.986207 / (4 * 1) = 0.871692
+    # corpus = 100 * (3.383883 + 0.871692) / 2 = 212.7788
+    r = corpus_bleu_scores({"1": "Dog runs.", "2": "cat cat"}, {"1": ["dog runs", "a dog"], "2": ["A cat sits."]}, "en")
+    assert r.cider_d == pytest.approx(212.7788, abs=1e-3)
+    # Chinese by characters: 狗跑 / 猫猫 against 狗跑, 一狗 / 一猫坐 is the same example.
+    zh = corpus_bleu_scores({"1": "狗跑。", "2": "猫猫"}, {"1": ["狗跑", "一狗"], "2": ["一猫坐"]}, "zh")
+    assert zh.cider_d == pytest.approx(r.cider_d)
+
+
+def test_cider_d_of_one_image_is_zero_as_in_coco():
+    # One image: every idf is log 1 - log 1 = 0, so nothing has weight.
+    r = corpus_bleu_scores({"a": "a dog runs"}, {"a": ["a dog runs"]}, "en")
+    assert r.cider_d == 0.0
+
+
+def _coco_cider(hyps: dict, refs: dict, lang: str) -> tuple[float, list[float]]:
+    """pycocoevalcap's CIDEr-D (its `Cider` is the -D variant: sigma 6, clipped
+    counts) on capkit's tokens joined by spaces; coco's scale (x1)."""
+    cider = pytest.importorskip("pycocoevalcap.cider.cider", reason="pip install pycocoevalcap (the test extra)")
+    ids = sorted(hyps)
+    gts = {k: [" ".join(bleu_tokenize(x, lang)) for x in refs[k]] for k in ids}
+    res = {k: [" ".join(bleu_tokenize(hyps[k], lang))] for k in ids}
+    score, per_image = cider.Cider().compute_score(gts, res)
+    return float(score), [float(x) for x in per_image]
+
+
+def _assert_matches_coco(hyps: dict, refs: dict, lang: str) -> None:
+    from toolkit.evaluate import _cider_d, _prepare
+
+    score, per_image = _coco_cider(hyps, refs, lang)
+    assert corpus_bleu_scores(hyps, refs, lang).cider_d / 100 == pytest.approx(score, abs=1e-6)
+    _, h, r = _prepare(hyps, refs, lang)
+    assert _cider_d(h, r) / 100 == pytest.approx(per_image, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cider_d_agrees_with_pycocoevalcap(seed):
+    hyps, refs = _random_corpus(seed, n_images=300)
+    hyps["empty.jpg"], refs["empty.jpg"] = "...", ["a dog", "!"]  # nothing to score on either side
+    _assert_matches_coco(hyps, refs, "en")
+
+
+def test_cider_d_agrees_with_pycocoevalcap_on_chinese_characters():
+    rng = random.Random(3)
+    chars = "一只狗在草地上跑黑白色的猫男人女孩水里"
+    sent = lambda: "".join(rng.choice(chars) for _ in range(rng.randint(1, 14))) + "。"  # noqa: E731
+    hyps = {f"{i}.jpg": sent() for i in range(200)}
+    refs = {k: [sent() for _ in range(rng.randint(1, 5))] for k in hyps}
+    _assert_matches_coco(hyps, refs, "zh")
+
+
+@pytest.mark.realdata
+def test_cider_d_agrees_with_pycocoevalcap_on_flickr8k(shared_data):
+    from toolkit.data import group_by_image, read_captions
+
+    dev = (shared_data / "flickr8k" / "Flickr_8k.devImages.txt").read_text().split()[:300]
+    en = group_by_image(read_captions(shared_data / "flickr8k" / "Flickr8k.token.txt").captions)
+    # One human caption scored against the other four.
+    _assert_matches_coco({k: en[k][0] for k in dev}, {k: en[k][1:] for k in dev}, "en")
+    cn = shared_data / "flickr8k-cn"
+    baidu = group_by_image(read_captions(cn / "flickr8kzhb.caption.txt").captions)
+    google = group_by_image(read_captions(cn / "flickr8kzhg.caption.txt").captions)
+    both = [k for k in dev if k in baidu and k in google]
+    # Baidu's translation of the first caption against Google's of all five.
+    _assert_matches_coco({k: baidu[k][0] for k in both}, {k: google[k] for k in both}, "zh")
+
+
 # --- bootstrap --------------------------------------------------------------
 
 
@@ -154,9 +241,25 @@ def test_bootstrap_interval_contains_point_and_is_deterministic():
     b = corpus_bleu_scores(dict(reversed(hyps.items())), refs, "en", bootstrap=200, seed=3)
     assert a.ci == b.ci  # same seed, same interval, whatever the dict order
     assert a.ci != corpus_bleu_scores(hyps, refs, "en", bootstrap=200, seed=4).ci
-    assert set(a.ci) == {f"bleu{n}{s}" for n in range(1, 5) for s in ("", "_nobp")}
+    assert set(a.ci) == {f"bleu{n}{s}" for n in range(1, 5) for s in ("", "_nobp")} | {"cider_d"}
     for name, (lo, hi) in a.ci.items():
         assert lo <= getattr(a, name) <= hi, name
+    assert a.ci["cider_d"][0] < a.ci["cider_d"][1]
+
+
+def test_cider_d_resamples_average_the_full_sample_per_image_scores():
+    from toolkit.evaluate import _bootstrap_scores, _cider_d, _image_stats, _prepare
+
+    hyps, refs = _random_corpus(8, n_images=50)
+    _, h, r = _prepare(hyps, refs, "en")
+    stats = np.array([_image_stats(x, y) for x, y in zip(h, r)])
+    per_image = _cider_d(h, r)
+    samples = _bootstrap_scores(stats, 2000, 0, cider=per_image)[0][:, -1]
+    # Document frequencies stay the full sample's, so each resample is a plain
+    # mean of fixed per-image scores, whose bootstrap mean is the full mean.
+    assert samples.mean() == pytest.approx(per_image.mean(), abs=3 * per_image.std() / math.sqrt(50 * 2000) + 1e-9)
+    assert samples.min() >= per_image.min() and samples.max() <= per_image.max()
+    assert corpus_bleu_scores(hyps, refs, "en").cider_d == pytest.approx(per_image.mean())
 
 
 def test_fast_bootstrap_sums_equal_nltk_on_the_full_sample():
@@ -234,12 +337,22 @@ def test_format_table_marks_baselines_and_lists_signatures():
     table = format_table([pack, zh], {"en": {"constant": const, "retrieval": const}})
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["lang", "system", "B1"] and "B4 95% CI" in lines[0]
+    assert "CIDEr-D 95% CI" in lines[0] and f"{pack.cider_d:.1f}" in lines[1].split()
     assert [ln.split()[1:3] for ln in lines[1:4]] == [["pack", f"{pack.bleu1:.1f}"], ["baseline:", "constant"],
                                                        ["baseline:", "retrieval"]]
     assert lines[4].startswith("zh") and "chars" in lines[4]
     sigs = [ln for ln in lines if ln.startswith("signature: ")]
     assert sigs == [f"signature: {pack.signature}", f"signature: {zh.signature}"]
     assert "pack:1.0.0" in pack.signature and "pack:none" in zh.signature
+    assert "capkit-bleu:2" in pack.signature and "cider-d:sigma6" in pack.signature
+
+
+def test_format_table_shows_a_dash_for_scores_from_before_cider_d():
+    old = corpus_bleu_scores({"a": "a dog runs fast", "b": "a cat sits down"},
+                             {"a": ["a dog runs fast"], "b": ["a cat sits down"]}, "en")
+    old.cider_d = None  # as read from a manifest written before capkit-bleu:2
+    row = format_table([old]).splitlines()[1].split()
+    assert row[2:8] == ["100.0"] * 5 + ["-"]
 
 
 def test_to_dict_round_trips_through_json():
@@ -249,6 +362,9 @@ def test_to_dict_round_trips_through_json():
     d = json.loads(json.dumps(r.to_dict()))
     assert d["bleu1"] == 100 and d["ci"]["bleu1"] == [100, 100]
     assert BleuResult(**{**d, "ci": None}).signature == r.signature
+    assert "cider_d" in d and "cider_d" in d["ci"]
+    old = {k: v for k, v in d.items() if k not in ("cider_d", "ci")}  # a manifest from before CIDEr-D
+    assert BleuResult(**old).cider_d is None
 
 
 def test_most_frequent_caption():

@@ -63,12 +63,15 @@ def test_caption_is_deterministic_and_beam1_is_greedy(tiny_packs, tiny_dataset):
 def test_evaluate_matches_pack_scores_and_has_baselines(tiny_packs, tiny_dataset):
     from toolkit.pipeline import evaluate_packs
 
-    res = evaluate_packs(["en", "zh"], tiny_packs, tiny_dataset["images"], tiny_dataset["test"], beam=3)
+    # The manifest scored at the default search, so these must too (at beam 3 only a 0.0 BLEU-4 would match).
+    res = evaluate_packs(["en", "zh"], tiny_packs, tiny_dataset["images"], tiny_dataset["test"])
     for r in res:
         m = load_manifest(tiny_packs / r["lang"])
         assert r["bleu4"] == pytest.approx(m["scores"]["test"]["model"]["bleu4"], abs=1e-6)
+        assert r["cider_d"] == pytest.approx(m["scores"]["test"]["model"]["cider_d"], abs=1e-6)
         assert r["n_images"] == 8 and r["n_references"] == 40
         assert r["baselines"]["retrieval"]["bleu4"] == pytest.approx(m["scores"]["test"]["retrieval"]["bleu4"], abs=1e-6)
+        assert r["baselines"]["retrieval"]["cider_d"] == pytest.approx(m["scores"]["test"]["retrieval"]["cider_d"], abs=1e-6)
         assert "constant" in r["baselines"]
 
 

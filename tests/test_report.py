@@ -90,7 +90,10 @@ def _sample_data(**kw) -> ReportData:
                   {"ar": ["كلب يركض في الحديقة"], "": ["a dog & a ball", "كلب"]}),
         ReportRow("b.jpg", _thumb(), {"en": "a cat", "ar": "قطة", "he": "חתול"}),
     ]
-    scores = [{**_bleu("en", 20, ci=True), "beam": 3, "system": "pack",
+    # The pack's scores are new (CIDEr-D with its interval); the baselines' as from before capkit-bleu:2.
+    pack = {**_bleu("en", 20, ci=True), "cider_d": 41.5}
+    pack["ci"]["cider_d"] = [38.0, 45.0]
+    scores = [{**pack, "beam": 3, "system": "pack",
                "baselines": {"constant": _bleu("en", 5, ci=True), "retrieval": _bleu("en", 25, ci=True)}}]
     base = dict(langs=["en", "ar", "he"], rows=rows, histories={"en": HISTORY, "ar": HISTORY, "he": []},
                 scores=scores, best_epochs={"en": 2}, meta={"split": "<test>.txt"}, skipped={"x.jpg": "x.jpg: <broken>"})
@@ -164,7 +167,10 @@ def test_scores_table_has_both_bleus_intervals_and_baselines():
     page = render_html(_sample_data())
     tags = _Tags(page)
     heads = re.findall(r"<th>([^<]*)</th>", page.split('<table class="scores">')[1].split("</thead>")[0])
-    assert heads[:10] == ["lang", "system", "B1", "B2", "B3", "B4", "B1 noBP", "B2 noBP", "B3 noBP", "B4 noBP"]
+    assert heads[:11] == ["lang", "system", "B1", "B2", "B3", "B4", "B1 noBP", "B2 noBP", "B3 noBP", "B4 noBP",
+                          "CIDEr-D"]
+    assert '<td class="num">41.5<span class="ci">38.0&#8211;45.0</span></td>' in page
+    assert page.count('<td class="num">&#8211;</td>') == 2  # the baselines have no CIDEr-D: a dash, not an error
     assert len(tags.find("tr", **{"class": "pack"})) == 1 and len(tags.find("tr", **{"class": "baseline"})) == 2
     assert "baseline: constant" in page and "baseline: retrieval" in page
     assert "18.0&#8211;22.0" in page  # BLEU-4 20.0 with its interval
@@ -319,7 +325,8 @@ def test_report_over_a_split_has_scores_charts_and_captions(split_report, tiny_p
         for system in ("model", "retrieval", "constant"):
             assert f"{test[system]['bleu4']:.1f}" in text
         assert test["model"]["signature"] in text
-    assert page.count("baseline: retrieval") == 2 and page.count('class="ci"') == 2 * 3 * 8
+    # An interval under each of the 9 scores (B1-4, B1-4 noBP, CIDEr-D) of 3 systems in 2 languages.
+    assert page.count("baseline: retrieval") == 2 and page.count('class="ci"') == 2 * 3 * 9
 
 
 @pytest.mark.parametrize("style", ["repeated --images", "positional, as caption takes them"])
@@ -452,22 +459,55 @@ def test_evaluate_cli_json_has_every_score_baseline_and_interval(tiny_packs, tin
     assert res.exit_code == 0, res.output
     results = json.loads(res.stdout)
     keys = {"lang", "n_images", "n_references", "tokenization", "signature", "baselines", "ci"}
-    keys |= {f"bleu{n}{s}" for n in range(1, 5) for s in ("", "_nobp")}
+    keys |= {f"bleu{n}{s}" for n in range(1, 5) for s in ("", "_nobp")} | {"cider_d"}
     assert [r["lang"] for r in results] == ["en", "zh"]
     for r in results:
         assert keys <= set(r) and "captions" not in r
         assert set(r["baselines"]) == {"constant", "retrieval"}
         for system in (r, *r["baselines"].values()):
             assert system["n_images"] == 8 and system["n_references"] == 40
-            assert set(system["ci"]) == {k for k in keys if k.startswith("bleu")}
+            assert set(system["ci"]) == {k for k in keys if k.startswith("bleu")} | {"cider_d"}
             lo, hi = system["ci"]["bleu4"]
             assert lo <= hi and all(0 <= x <= 100 for x in (lo, hi))
+            lo, hi = system["ci"]["cider_d"]
+            assert 0 <= lo <= system["cider_d"] <= hi
             assert system["bleu4_nobp"] >= system["bleu4"] - 1e-9 and not math.isnan(system["bleu1"])
         assert r["tokenization"] == ("chars" if r["lang"] == "zh" else "words")
         assert "smooth:none" in r["signature"] and "nltk:" in r["signature"] and "pack:1.0.0" in r["signature"]
+        assert "capkit-bleu:2" in r["signature"] and "cider-d:sigma6" in r["signature"]
     table = CliRunner().invoke(app, common)
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
     assert "B4 noBP" in lines[0] and "B4 95% CI" in lines[0]
+    assert "CIDEr-D" in lines[0] and "CIDEr-D 95% CI" in lines[0]
     assert sum("baseline: constant" in ln for ln in lines) == 2 and sum("baseline: retrieval" in ln for ln in lines) == 2
     assert sum(ln.startswith("signature: ") for ln in lines) == 2
+
+
+def test_a_pack_scored_before_cider_d_still_lists_and_evaluates(tiny_packs, tiny_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+    from toolkit.pack import MANIFEST_FILE, MODEL_CARD_FILE
+
+    assert "| BLEU-4 | CIDEr-D |" in (tiny_packs / "en" / MODEL_CARD_FILE).read_text(encoding="utf-8")
+    packs = tmp_path / "packs"
+    shutil.copytree(tiny_packs, packs)
+    path = packs / "en" / MANIFEST_FILE
+    m = json.loads(path.read_text(encoding="utf-8"))
+    assert m["scores"]["test"]["model"]["cider_d"] >= 0  # what a new build writes, for every system
+    for systems in m["scores"].values():
+        for r in systems.values():
+            r.pop("cider_d")
+            r["signature"] = r["signature"].replace("capkit-bleu:2", "capkit-bleu:1")
+    path.write_text(json.dumps(m, indent=2), encoding="utf-8")
+    listing = CliRunner().invoke(app, ["packs", "list", "--packs-dir", str(packs)])
+    assert listing.exit_code == 0, listing.output
+    head, *rows = listing.stdout.splitlines()
+    assert "CIDEr-D" in head
+    en = next(r.split() for r in rows if r.startswith("en "))
+    assert en[4:6] == [f"{m['scores']['test']['model']['bleu4']:.1f}", "-"]
+    res = CliRunner().invoke(app, ["evaluate", "--lang", "en", "--images", str(tiny_dataset["images"]),
+                                   "--split", str(tiny_dataset["test"]), "--packs-dir", str(packs), "--beam", "2"])
+    assert res.exit_code == 0, res.output
+    assert "capkit-bleu:2" in res.stdout  # scored afresh, with CIDEr-D

@@ -364,7 +364,7 @@ def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id:
 
 def score_splits(step, tokenizer, features: Features, texts: dict[str, list[str]], lang: str, max_length: int,
                  pack_version: str, search: SearchConfig = SEARCH) -> dict:
-    """The manifest's `scores`: per split (dev, test), BLEU of `step`'s captions beside the reference points.
+    """The manifest's `scores`: per split (dev, test), BLEU and CIDEr-D of `step`'s captions beside the reference points.
 
     `step` is any decoder behind the search interface: the build's freshly
     trained one, or an installed pack's (`load_pack(...).step`) to score it

@@ -360,7 +360,7 @@ def evaluate(
     fmt: str = typer.Option("table", "--format", help="table or json."),
     packs_dir: Optional[Path] = PacksDir,
 ):
-    """Corpus BLEU-1..4 per language, beside constant-caption and retrieval baselines."""
+    """Corpus BLEU-1..4 and CIDEr-D per language, beside constant-caption and retrieval baselines."""
     if fmt not in ("table", "json"):
         raise CapkitError(f"--format must be table or json, not {fmt!r}")
     search = _search_options(beam, length_penalty, no_repeat_ngram)
@@ -397,7 +397,7 @@ def report_cmd(
                                                 "folder); the same as naming them after the options."),
     out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
     references: Optional[Path] = typer.Option(None, "--references", help="Reference captions to show (and score, with --split)."),
-    split: Optional[Path] = typer.Option(None, "--split", help="Score the packs on these images: adds the BLEU table."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Score the packs on these images: adds the BLEU and CIDEr-D table."),
     beam: int = BeamOption(),
     length_penalty: float = LengthPenaltyOption(),
     no_repeat_ngram: int = NoRepeatOption(),
@@ -405,7 +405,7 @@ def report_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Show at most N images (BLEU still uses the whole split)."),
     packs_dir: Optional[Path] = PacksDir,
 ):
-    """One self-contained HTML page: images with captions per language, BLEU table, loss curves."""
+    """One self-contained HTML page: images with captions per language, BLEU and CIDEr-D table, loss curves."""
     images = [*(inputs or []), *(images or [])]
     if not images:
         raise CapkitError("no images to report on", hint="name images or folders: capkit report photos/ --lang en -o r.html")
@@ -542,7 +542,7 @@ def encode(
 
 @packs_app.command("list")
 def packs_list(packs_dir: Optional[Path] = PacksDir):
-    """Installed packs: language, version, size, BLEU, encoder, created."""
+    """Installed packs: language, version, size, BLEU-4 and CIDEr-D, encoder, created."""
     from toolkit.pack import installed_packs, load_manifest
 
     pd = _packs_dir(packs_dir)
@@ -550,7 +550,7 @@ def packs_list(packs_dir: Optional[Path] = PacksDir):
     if not packs:
         typer.echo(f"no packs in {pd}")
         return
-    typer.echo(f"{'lang':6} {'name':14} {'version':9} {'size':>8} {'BLEU-4':>7}  {'encoder':28} created")
+    typer.echo(f"{'lang':6} {'name':14} {'version':9} {'size':>8} {'BLEU-4':>7} {'CIDEr-D':>7}  {'encoder':28} created")
     for lang, folder in packs.items():
         try:
             m = load_manifest(folder)
@@ -560,7 +560,10 @@ def packs_list(packs_dir: Optional[Path] = PacksDir):
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         s = m["scores"].get("test") or m["scores"].get("dev") or {}
         b4 = f"{s['model']['bleu4']:.1f}" if s else "-"
-        typer.echo(f"{lang:6} {m['name']:14} {m['pack_version']:9} {size / 1e6:7.1f}M {b4:>7}  {m['encoder']['id']:28} {m['created']}")
+        c = s.get("model", {}).get("cider_d")  # none in scores from before capkit-bleu:2
+        cider = "-" if c is None else f"{c:.1f}"
+        typer.echo(f"{lang:6} {m['name']:14} {m['pack_version']:9} {size / 1e6:7.1f}M {b4:>7} {cider:>7}  "
+                   f"{m['encoder']['id']:28} {m['created']}")
 
 
 @packs_app.command("info")

@@ -1,5 +1,6 @@
-"""Corpus BLEU per language, with the brevity penalty and without, bootstrap
-intervals, the two baselines every score is shown beside, and the table.
+"""Corpus BLEU and CIDEr-D per language, BLEU with the brevity penalty and
+without, bootstrap intervals, the two baselines every score is shown beside,
+and the table.
 
 How a score is computed (fixed here, and written into every signature):
 
@@ -16,10 +17,15 @@ How a score is computed (fixed here, and written into every signature):
   match makes the score 0.0 (nltk would warn and return ~1e-77).
 * The no-BP variant is the same geometric mean of modified precisions without
   the brevity penalty (as Flickr8k-CN reported), i.e. ``bleu / bp``.
+* CIDEr-D is coco-caption's (``pycocoevalcap.cider``, sigma 6), on the same
+  tokens, times 100 like BLEU (coco prints 0.53 where we print 53.0).
+  Document frequencies come from the references of the scored images.
 
 Bootstrap intervals resample images. Per-image n-gram match counts and lengths
 are counted once; each resample only sums them (one matrix product), which
-reproduces nltk's corpus BLEU on the full sample exactly (tested).
+reproduces nltk's corpus BLEU on the full sample exactly (tested). CIDEr-D is
+a mean of per-image scores, so a resample averages them; their document
+frequencies stay those of the full sample.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from importlib.metadata import version as _dist_version
 
 import numpy as np
@@ -42,10 +48,11 @@ CHAR_LANGS = frozenset({"zh", "ja", "th", "yue", "lo", "km", "my"})
 MAX_ORDER = 4
 SCORE_NAMES = tuple(f"bleu{n}" for n in range(1, MAX_ORDER + 1)) + tuple(
     f"bleu{n}_nobp" for n in range(1, MAX_ORDER + 1)
-)
+) + ("cider_d",)
 # Bumped whenever tokenization or aggregation rules change, so old and new
-# numbers are never silently compared.
-SCORING_VERSION = 1
+# numbers are never silently compared. 2: CIDEr-D beside BLEU.
+SCORING_VERSION = 2
+CIDER_SIGMA = 6.0  # width of CIDEr-D's Gaussian length penalty, in tokens (coco-caption's)
 # Inside char-scored text these scripts are written as words (brand names,
 # sizes, "T恤"), and scoring them letter by letter would inflate BLEU.
 _WORD_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC", "DIGIT")
@@ -110,6 +117,8 @@ class BleuResult:
     bleu2_nobp: float
     bleu3_nobp: float
     bleu4_nobp: float
+    _: KW_ONLY
+    cider_d: float | None = None  # CIDEr-D x 100; None in scores from before capkit-bleu:2
     n_images: int  # images scored (those with a hypothesis)
     n_references: int  # reference captions used, over all scored images
     tokenization: str  # "words" or "chars"
@@ -141,6 +150,49 @@ def _image_stats(hyp: list[str], refs: list[list[str]]) -> list[int]:
         totals.append(max(1, sum(counts.values())))
     closest = min((len(r) for r in refs), key=lambda r: (abs(r - len(hyp)), r))
     return matches + totals + [len(hyp), closest]
+
+
+def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]]) -> np.ndarray:
+    """CIDEr-D of each image, x100, computed as coco-caption's `CiderScorer`
+    does (n-grams 1-4, sigma 6):
+
+    * an n-gram's weight is its raw count in the caption times its idf,
+      log(images) - log(max(1, images whose references contain it));
+    * per order n, the hypothesis' vector against each reference's: the
+      dot product with the hypothesis' weights clipped to the reference's
+      (``min(h, r) * r``), over the product of the two (unclipped) norms,
+      times exp(-(len_h - len_r)**2 / (2 * 6**2));
+    * the image's score is 10 x the mean over orders and references (coco's
+      scale; returned x100, as BLEU is).
+
+    coco measures lengths in bigrams (tokens - 1): the same difference
+    whenever both captions have a token, and otherwise nothing matches.
+    One image alone scores 0 (every idf is log 1 - log 1).
+    """
+    orders = range(1, MAX_ORDER + 1)
+    ref_grams = [[[_ngram_counts(r, n) for n in orders] for r in rs] for rs in refs]
+    df: Counter = Counter()
+    for image in ref_grams:
+        df.update({g for ref in image for counts in ref for g in counts})
+    log_images = math.log(len(refs))
+
+    def tfidf(counts: Counter) -> tuple[dict, float]:
+        vec = {g: c * (log_images - math.log(max(1, df[g]))) for g, c in counts.items()}
+        return vec, math.sqrt(sum(w * w for w in vec.values()))
+
+    scores = np.zeros(len(hyps))
+    for i, (hyp, rs, grams) in enumerate(zip(hyps, refs, ref_grams)):
+        hyp_vecs = [tfidf(_ngram_counts(hyp, n)) for n in orders]
+        total = 0.0
+        for ref, ref_counts in zip(rs, grams):
+            penalty = math.exp(-((len(hyp) - len(ref)) ** 2) / (2 * CIDER_SIGMA**2))
+            for (h, h_norm), counts in zip(hyp_vecs, ref_counts):
+                r, r_norm = tfidf(counts)
+                if h_norm and r_norm:
+                    dot = sum(min(w, r.get(g, 0.0)) * r.get(g, 0.0) for g, w in h.items())
+                    total += penalty * dot / (h_norm * r_norm)
+        scores[i] = 100 * 10 * total / (MAX_ORDER * len(rs))
+    return scores
 
 
 def _scores_from_sums(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,8 +252,11 @@ def _resample_weights(rng: np.random.Generator, n_images: int, n: int, chunk: in
         done += rows
 
 
-def _bootstrap_scores(stats: np.ndarray, n: int, seed: int, others: Sequence[np.ndarray] = ()):
-    """Scores (n, 8) of `stats` and of each of `others` on the same resamples."""
+def _bootstrap_scores(stats: np.ndarray, n: int, seed: int, others: Sequence[np.ndarray] = (),
+                      cider: np.ndarray | None = None):
+    """Scores (n, 8) of `stats` and of each of `others` on the same resamples;
+    with `cider` (the per-image CIDEr-D of `stats`' system) the first gets a
+    ninth column, its mean over each resample's images."""
     if n < 1:
         raise CapkitError(f"bootstrap needs at least 1 resample, got {n}")
     rng = np.random.default_rng(seed)
@@ -210,7 +265,8 @@ def _bootstrap_scores(stats: np.ndarray, n: int, seed: int, others: Sequence[np.
     for w in _resample_weights(rng, len(stats), n, chunk):
         for i, s in enumerate((stats, *others)):
             bleu, nobp = _scores_from_sums(w @ s)  # float64 sums of ints: exact below 2**53
-            out[i].append(np.concatenate([bleu, nobp], axis=1))
+            cols = [bleu, nobp] + ([(w @ cider / len(stats))[:, None]] if i == 0 and cider is not None else [])
+            out[i].append(np.concatenate(cols, axis=1))
     return [np.concatenate(o) for o in out]
 
 
@@ -226,6 +282,7 @@ def _signature(lang: str, tok: str, refs: list[list[list[str]]], pack_version: s
         f"lang:{lang}",
         f"tok:{tok}",
         "smooth:none",
+        f"cider-d:sigma{CIDER_SIGMA:g}",
         f"nltk:{_dist_version('nltk')}",
         f"pack:{pack_version or 'none'}",
         f"refs:{lo}" if lo == hi else f"refs:{lo}-{hi}",
@@ -241,19 +298,21 @@ def corpus_bleu_scores(
     seed: int = 0,
     pack_version: str = "",
 ) -> BleuResult:
-    """Corpus BLEU-1..4 of {image id: caption} against {image id: [references]}.
+    """Corpus BLEU-1..4 and CIDEr-D of {image id: caption} against {image id: [references]}.
 
     References of images without a hypothesis are ignored; a hypothesis
     without references is an error. ``bootstrap=N`` adds 95% percentile
-    intervals over N resamples of the images.
+    intervals over N resamples of the images (CIDEr-D's document
+    frequencies stay those of all the scored images).
 
     >>> r = corpus_bleu_scores({"a.jpg": "a man rides a red bike"},
     ...     {"a.jpg": ["a man rides a bike", "a man is riding a red bicycle"]}, "en")
-    >>> round(r.bleu4, 2), r.signature.split("|")[:4]
-    (60.43, ['capkit-bleu:1', 'lang:en', 'tok:words', 'smooth:none'])
+    >>> round(r.bleu4, 2), r.signature.split("|")[:5]
+    (60.43, ['capkit-bleu:2', 'lang:en', 'tok:words', 'smooth:none', 'cider-d:sigma6'])
     """
     ids, hyps, refs = _prepare(hypotheses, references, lang)
     stats = np.array([_image_stats(h, r) for h, r in zip(hyps, refs)], dtype=np.int64)
+    cider = _cider_d(hyps, refs)
     bleu = _nltk_bleu(hyps, refs)
     sums = stats.sum(axis=0)
     # No order may be left without a match; nltk returns ~1e-77 there, we say 0.0.
@@ -264,10 +323,10 @@ def corpus_bleu_scores(
     tok = tokenization_name(lang)
     ci = None
     if bootstrap:
-        samples = _bootstrap_scores(stats, bootstrap, seed)[0]
+        samples = _bootstrap_scores(stats, bootstrap, seed, cider=cider)[0]
         ci = {name: _interval(samples[:, j]) for j, name in enumerate(SCORE_NAMES)}
     return BleuResult(
-        lang, *bleu, *map(float, nobp),
+        lang, *bleu, *map(float, nobp), cider_d=float(cider.mean()),
         n_images=len(ids), n_references=sum(map(len, refs)), tokenization=tok,
         signature=_signature(lang, tok, refs, pack_version), ci=ci,
     )
@@ -355,22 +414,24 @@ def format_table(
 ) -> str:
     """Plain-text table, one row per language and, under it, one row per
     baseline ("baseline: constant", "baseline: retrieval"); then the signatures.
+    Scores from before CIDEr-D (old manifests) show "-" there.
 
-    lang  system               B1    B2    B3    B4  B4 noBP  images  refs  tok
-    en    pack               58.1  38.0  24.3  15.2     15.9     100   500  words
-    en    baseline: constant 31.0  14.2   6.1   2.5      4.0     100   500  words
+    lang  system               B1    B2    B3    B4  B4 noBP  CIDEr-D  images  refs  tok
+    en    pack               58.1  38.0  24.3  15.2     15.9     33.0     100   500  words
+    en    baseline: constant 31.0  14.2   6.1   2.5      4.0      4.1     100   500  words
     """
     baselines = baselines or {}
     show_ci = any(r.ci for r in results)
-    head = ["lang", "system", "B1", "B2", "B3", "B4", "B4 noBP"]
-    head += ["B4 95% CI"] if show_ci else []
+    head = ["lang", "system", "B1", "B2", "B3", "B4", "B4 noBP", "CIDEr-D"]
+    head += ["B4 95% CI", "CIDEr-D 95% CI"] if show_ci else []
     head += ["images", "refs", "tok"]
     rows, signatures = [], []
 
     def row(r: BleuResult, system: str) -> None:
         cells = [r.lang, system] + [f"{v:.1f}" for v in (r.bleu1, r.bleu2, r.bleu3, r.bleu4, r.bleu4_nobp)]
+        cells.append("-" if r.cider_d is None else f"{r.cider_d:.1f}")
         if show_ci:
-            cells.append("{:.1f}-{:.1f}".format(*r.ci["bleu4"]) if r.ci else "")
+            cells += ["{:.1f}-{:.1f}".format(*r.ci[k]) if r.ci and k in r.ci else "" for k in ("bleu4", "cider_d")]
         rows.append(cells + [str(r.n_images), str(r.n_references), r.tokenization])
         if r.signature not in signatures:
             signatures.append(r.signature)

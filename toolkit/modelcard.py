@@ -29,13 +29,15 @@ def write_model_card(folder: Path, m: dict) -> None:
         f"Adam from {tc['learning_rate']} ({tc['lr_schedule']}), gradient norm clipped at {tc['clipnorm'] or 'none'}, "
         f"label smoothing {tc['label_smoothing']}, batches of {tc['batch_size']}, seed {tc['seed']}",
         f"- {t['epochs_run']} epochs (best {t['best_epoch']}, dev loss {t['best_dev_loss']:.3f}), {t['seconds']} s on {t['hardware']}", "",
-        "## Scores (corpus BLEU, 0-100)", "",
-        "| split | system | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |", "|---|---|---|---|---|---|",
+        "## Scores (corpus BLEU, 0-100; CIDEr-D x100)", "",
+        "| split | system | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr-D |", "|---|---|---|---|---|---|---|",
     ]
     sig = ""
     for split, systems in m["scores"].items():
         for name, r in systems.items():
-            lines.append(f"| {split} | {name} | {r['bleu1']:.1f} | {r['bleu2']:.1f} | {r['bleu3']:.1f} | {r['bleu4']:.1f} |")
+            cider = "-" if r.get("cider_d") is None else f"{r['cider_d']:.1f}"  # none before capkit-bleu:2
+            lines.append(f"| {split} | {name} | {r['bleu1']:.1f} | {r['bleu2']:.1f} | {r['bleu3']:.1f} | {r['bleu4']:.1f} "
+                         f"| {cider} |")
             sig = r["signature"]
     lines += ["", f"Signature: `{sig}`. `retrieval` is the first train caption of the most similar train image; "
               "`constant` is the most frequent train caption for every image.", "",

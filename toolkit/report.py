@@ -1,6 +1,6 @@
 """One self-contained HTML page: every image with its captions in every
-language side by side, the BLEU table beside its baselines, and each pack's
-loss curves.
+language side by side, the BLEU and CIDEr-D table beside its baselines, and
+each pack's loss curves.
 
 Under the caption of a pack whose decoder attends ("attention"), a strip
 shows where it looked to choose each token: the attention over the encoder's
@@ -210,7 +210,7 @@ def build_report(
 
     With `split` (a file of image names; `inputs` is then the one folder that
     holds them) the packs are scored on the split by `evaluate_packs` and the
-    page gets the BLEU table with its baselines; references are `references`,
+    page gets the BLEU and CIDEr-D table with its baselines; references are `references`,
     else each pack's own. Without `split`, `references` (any caption file)
     only shows beside the captions. `limit` caps the gallery; BLEU is always
     on the whole split. Captions of attention packs get their heat maps

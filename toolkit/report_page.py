@@ -115,7 +115,7 @@ def render_html(data: ReportData) -> str:
         "<body>",
         f"<h1>{_e(data.title)}</h1>",
         '<dl class="meta">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in data.meta.items()) + "</dl>",
-        '<section id="scores"><h2>BLEU</h2>',
+        '<section id="scores"><h2>BLEU and CIDEr-D</h2>',
         _scores_html(data.scores) if data.scores else
         "<p>No scores: pass <code>--split</code> (and references) to score the packs on a split.</p>",
         "</section>",
@@ -193,16 +193,18 @@ def _refs_html(refs: Sequence[str]) -> str:
 
 
 def _score_cell(r: Mapping, name: str) -> str:
+    if r.get(name) is None:  # CIDEr-D of scores from before capkit-bleu:2
+        return '<td class="num">&#8211;</td>'
     ci = (r.get("ci") or {}).get(name)
     extra = f'<span class="ci">{ci[0]:.1f}&#8211;{ci[1]:.1f}</span>' if ci else ""
     return f'<td class="num">{r[name]:.1f}{extra}</td>'
 
 
 def _scores_html(scores: Sequence[Mapping]) -> str:
-    """One row per pack and, under it, one per baseline; B1-4 with and without brevity penalty."""
-    names = [f"bleu{n}" for n in SCORE_ORDERS] + [f"bleu{n}_nobp" for n in SCORE_ORDERS]
+    """One row per pack and, under it, one per baseline; B1-4 with and without brevity penalty, CIDEr-D."""
+    names = [f"bleu{n}" for n in SCORE_ORDERS] + [f"bleu{n}_nobp" for n in SCORE_ORDERS] + ["cider_d"]
     head = ("<tr><th>lang</th><th>system</th>" + "".join(f"<th>B{n}</th>" for n in SCORE_ORDERS)
-            + "".join(f"<th>B{n} noBP</th>" for n in SCORE_ORDERS)
+            + "".join(f"<th>B{n} noBP</th>" for n in SCORE_ORDERS) + "<th>CIDEr-D</th>"
             + "<th>images</th><th>refs</th><th>tok</th><th>BLEU-4 vs baselines</th></tr>")
     rows, signatures = [], []
     for s in scores:
@@ -224,7 +226,8 @@ def _scores_html(scores: Sequence[Mapping]) -> str:
             if r["signature"] not in signatures:
                 signatures.append(r["signature"])
     beam = scores[0].get("beam")
-    note = ("Corpus BLEU, 0-100; noBP: without the brevity penalty. Small print under a score: its 95% bootstrap "
+    note = ("Corpus BLEU, 0-100; noBP: without the brevity penalty. CIDEr-D: coco-caption's, x100 (coco's 0.53 is "
+            "53.0 here), on the same tokens. Small print under a score: its 95% bootstrap "
             "interval. constant: the pack's most frequent training caption for every image; retrieval: the first "
             "training caption of the most similar training image.") + (f" Beam {beam}." if beam else "")
     return "\n".join([

@@ -1,7 +1,7 @@
-"""The evaluate job: BLEU of installed packs on a split's images, beside the
-constant-caption and retrieval reference points.
+"""The evaluate job: BLEU and CIDEr-D of installed packs on a split's images,
+beside the constant-caption and retrieval reference points.
 
-The metrics themselves (BLEU, the baselines, the bootstrap) are
+The metrics themselves (BLEU, CIDEr-D, the baselines, the bootstrap) are
 `toolkit.evaluate`; this module captions the split through a `Captioner` and
 scores what it wrote. One entry per pack:
 
@@ -35,7 +35,7 @@ def evaluate_packs(
     report: Report | None = None,
     captioner: Captioner | None = None,
 ) -> list[dict]:
-    """BLEU of each pack on the split's images, with constant and retrieval reference points.
+    """BLEU and CIDEr-D of each pack on the split's images, with constant and retrieval reference points.
 
     References default to the pack's own `references.txt` (its dev/test
     captions in its language); `references` overrides for every language.
