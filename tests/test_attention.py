@@ -94,7 +94,7 @@ def test_old_manifests_without_the_architecture_load_as_lstm():
     from toolkit.errors import CapkitError
 
     old = {k: v for k, v in asdict(DecoderConfig()).items() if k not in ADDED_FIELDS["DecoderConfig"]}
-    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm", tokenizer="unigram", attention_score="additive")
+    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm", tokenizer="unigram")
     new = asdict(DecoderConfig(architecture="attention", attention_reg=0.5))
     assert from_dict(DecoderConfig, new).architecture == "attention"
     with pytest.raises(CapkitError, match=r"missing \['units'\]"):  # every other field stays required
@@ -111,7 +111,8 @@ def tiny_attention_data(seed=0, n=16, positions=4, fdim=8, vocab=20):
     return grids, seqs
 
 
-def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path):
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path, score):
     import tensorflow as tf
 
     from toolkit.config import DecoderConfig, TrainConfig
@@ -120,7 +121,7 @@ def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path):
 
     grids, seqs = tiny_attention_data()
     cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
-                        max_length=8, deep_output=True)
+                        max_length=8, deep_output=True, attention_score=score)
     model, state = train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2),
                                  tmp_path / "ck")
     assert isinstance(model, AttentionDecoder)

@@ -66,9 +66,9 @@ class DecoderConfig:
     max_length: int = 40        # longest caption in tokens (incl. end); longer captions are cut at training
     attention_reg: float = 1.0  # attention only: weight of the doubly stochastic penalty pushing every grid cell
                                 # to be looked at over a caption (Show, Attend and Tell's lambda); 0 turns it off
-    attention_score: str = "dot"  # attention only: "dot" (scaled dot product of query and key) or "additive"
-                                # (Bahdanau's v . tanh(W a + W h), the paper's); dot is products only, which on a
-                                # CPU trains 2x faster at the same dev loss (docs/experiments.md)
+    attention_score: str = "additive"  # attention only: "additive" (Bahdanau's v . tanh(W a + W h), the paper's)
+                                # or "dot" (scaled dot product of query and key): products only, an epoch 1.24x
+                                # shorter on a CPU, its dev loss on the full split not yet measured (docs/experiments.md)
     deep_output: bool = False   # attention only: the head reads tanh(W [h, context] + word embedding), the
                                 # paper's deep output, instead of [h, context]
 

@@ -230,7 +230,8 @@ class AttentionDecoder(keras.Model):
         alpha = tf.zeros([n, tf.shape(a)[1]], h.dtype)
 
         def body(t, h, c, context, alpha, hs, contexts, alphas):
-            k = tf.reduce_sum(tf.cast(lengths > t, tf.int32))
+            # Per-caption grids would be sliced (copied) every step to drop finished captions: all rows run.
+            k = tf.reduce_sum(tf.cast(lengths > t, tf.int32)) if grouped else n
             if own is None:
                 al, ctx = self._attend(h[:k], a[:k], keys[:k])
             else:
