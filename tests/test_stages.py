@@ -13,12 +13,31 @@ def test_tokenizer_round_trips_and_caps_vocab_for_small_corpora(tmp_path):
 
     tok = train_tokenizer(["a dog runs on the grass", "a cat sits on a mat"] * 5, "en", vocab_size=5000)
     assert tok.vocab_size < 100  # soft cap: no "vocabulary size too high" failure
-    ids = tok.encode(["A dog sits on the mat"])
-    assert tok.decode(ids) == ["a dog sits on the mat"]  # case-folded by design
+    ids = tok.encode(["a dog sits on the mat"])
+    assert tok.decode(ids) == ["a dog sits on the mat"]
     tok.save(tmp_path / "t.model")
     again = Tokenizer.load(tmp_path / "t.model")
     assert again.encode(["a cat runs"]) == tok.encode(["a cat runs"])
     assert tok.decode([ids[0] + [EOS_ID]]) == tok.decode(ids)  # specials never decoded
+
+
+def test_tokenizer_keeps_case_and_an_old_case_folding_one_still_folds(tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    from toolkit.tokenizer import Tokenizer, train_tokenizer
+
+    texts = ["a dog runs in Paris.", "Ein Hund läuft im Park."] * 10
+    tok = train_tokenizer(texts, "en", vocab_size=80)
+    assert tok.case == "kept" and tok.decode(tok.encode(texts[:2])) == texts[:2]
+    old = io.BytesIO()  # as every pack before case was kept trained its tokenizer
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=old, vocab_size=60, hard_vocab_limit=False,
+                                   normalization_rule_name="nmt_nfkc_cf", pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                                   minloglevel=2)
+    (tmp_path / "old.model").write_bytes(old.getvalue())
+    folded = Tokenizer.load(tmp_path / "old.model")
+    assert folded.case == "folded" and folded.decode(folded.encode(["a dog runs in Paris."])) == ["a dog runs in paris."]
 
 
 @pytest.mark.parametrize("lang,texts", [

@@ -23,7 +23,8 @@ def write_model_card(folder: Path, m: dict) -> None:
         f"- images: {d['n_train_images']} train, {d['n_dev_images']} dev, {d['n_test_images']} test "
         f"({d['n_missing_images']} missing, {d['n_unreadable_images']} unreadable); {d['n_train_captions']} train captions",
         f"- tokenizer: SentencePiece {m['tokenizer']['type'].removeprefix('sentencepiece-')}, "
-        f"{m['tokenizer']['vocab_size']} pieces, trained on the train split only", "",
+        f"{m['tokenizer']['vocab_size']} pieces, case {m['tokenizer'].get('case', 'folded')}, "
+        "trained on the train split only", "",
         "## Training",
         f"- {dc['architecture']} decoder: embeddings {dc['embed_dim']}, LSTM {dc['units']}, dropout {dc['dropout']}; "
         f"Adam from {tc['learning_rate']} ({tc['lr_schedule']}), gradient norm clipped at {tc['clipnorm'] or 'none'}, "

@@ -3,6 +3,9 @@
 Unigram model over raw text, so languages without spaces (Chinese, Japanese,
 Thai) and right-to-left scripts need no pre-tokenization. Fixed special ids:
 pad 0, unk 1, bos 2, eos 3 (the decoder masks id 0).
+
+Case is kept ("Paris", German "Hund"); packs built before that fold it, and
+their model files say so (`Tokenizer.case`), so they encode as they always did.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    @property
+    def case(self) -> str:
+        """"kept", or "folded" for a model trained with case folding (every pack before case was kept)."""
+        return "folded" if self.sp.normalize("A").lstrip(WORD_START) == "a" else "kept"
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts, out_type=int)
@@ -97,8 +105,8 @@ def _train(texts: list[str], lang: str, vocab_size: int, model_type: str) -> Tok
         model_type=model_type,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
-        # Case folding: 753 images cannot afford separate "A" and "a".
-        normalization_rule_name="nmt_nfkc_cf",
+        # NFKC, case kept: the captions' sentence-initial capitals are gone already (`written.training_form`).
+        normalization_rule_name="nmt_nfkc",
         character_coverage=0.9995 if lang in _WIDE_SCRIPTS else 1.0,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         num_threads=2,
