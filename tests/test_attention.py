@@ -280,6 +280,7 @@ def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tin
     from toolkit.pack import load_manifest
     from toolkit.pipeline import caption_images, evaluate_packs, load_pack
     from toolkit.tokenizer import BOS_ID, EOS_ID
+    from toolkit.written import written_form
 
     packs, _ = attention_packs
     en, zh = load_pack(packs, "en"), load_pack(packs, "zh")
@@ -291,7 +292,7 @@ def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tin
     assert len(out.rows) == 10 and not out.failures
     enc = Encoder.load(packs, en.manifest["encoder"]["id"])
     grids = enc.grid_features([enc.extract(imgs).keys[str(p)] for p in imgs])
-    want = en.tokenizer.decode(beam_search(en.step, grids, BOS_ID, EOS_ID, beam=2, max_length=16))
+    want = [written_form(t, "en") for t in en.tokenizer.decode(beam_search(en.step, grids, BOS_ID, EOS_ID, beam=2, max_length=16))]
     assert [r["caption"] for r in out.rows if r["lang"] == "en"] == want
 
     res = evaluate_packs(["en", "zh"], packs, tiny_dataset["images"], tiny_dataset["test"], beam=3)

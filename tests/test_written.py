@@ -1,7 +1,8 @@
-"""Captions as the language is written: the rules per language, and BLEU's tokens unchanged."""
+"""Captions as the language is written: the rules per language, BLEU's tokens unchanged, and `capkit caption` showing them."""
 
 from __future__ import annotations
 
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -117,3 +118,66 @@ def test_corpus_bleu_of_written_real_captions_equals_bleu_of_the_raw_ones(shared
     raw = corpus_bleu_scores(hyps, refs, "en")
     written = corpus_bleu_scores({n: written_form(t, "en") for n, t in hyps.items()}, refs, "en")
     assert written.to_dict() == raw.to_dict() and raw.bleu4 > 5
+
+
+# -- a pack trained on cased, pre-tokenised captions, through the real CLI -------------
+
+@pytest.fixture(scope="module")
+def cased_pack(tmp_path_factory, tiny_dataset):
+    """A tiny `en` pack whose captions are written as Flickr8k's: "A red circle on a white background ."."""
+    from conftest import build_tiny_pack
+
+    root = tmp_path_factory.mktemp("cased")
+    lines = []
+    for line in tiny_dataset["captions_en"].read_text(encoding="utf-8").splitlines():
+        key, text = line.split("\t")
+        lines.append(f"{key}\t{text[0].upper() + text[1:] if int(key[-1]) % 2 == 0 else text} .")
+    captions = root / "captions.en.txt"
+    captions.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    packs = root / "packs"
+    build_tiny_pack("en", {**tiny_dataset, "captions_en": captions}, packs, train={"epochs": 6})
+    return packs
+
+
+def test_a_cased_pack_keeps_case_and_captions_in_written_form(cased_pack, tiny_dataset):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+    from toolkit.pack import load_manifest, load_pack
+
+    m = load_manifest(cased_pack / "en")
+    assert m["tokenizer"]["case"] == "kept" and "case kept" in (cased_pack / "en" / "README.md").read_text()
+    tok = load_pack(cased_pack, "en").tokenizer
+    assert tok.case == "kept"
+    pieces = {tok.sp.id_to_piece(i) for i in range(tok.vocab_size)}
+    assert "▁A" not in pieces and "." in pieces  # trained on "a red circle ... background.": no capital, "." attached
+    images = sorted(tiny_dataset["images"].iterdir())[:4]
+    args = ["caption", *map(str, images), "--lang", "en", "--packs-dir", str(cased_pack)]
+    text = CliRunner().invoke(app, args)
+    assert text.exit_code == 0, text.output
+    captions = [line.split("\t")[1] for line in text.output.splitlines()]
+    assert len(captions) == 4 and all(c[:1].isupper() and " ." not in c for c in captions), captions
+    rows = json.loads(CliRunner().invoke(app, args + ["--format", "json"]).output)
+    assert [r["caption"] for r in rows] == captions
+
+
+def test_a_pack_from_before_case_was_kept_loads_and_captions_in_written_form(tiny_packs, tiny_dataset, tmp_path):
+    """Its manifest has no tokenizer `case`: it reads as "folded", and its captions are written as every pack's are."""
+    import shutil
+
+    from toolkit.captioner import Captioner
+    from toolkit.modelcard import write_model_card
+    from toolkit.pack import MANIFEST_FILE, load_manifest
+
+    packs = shutil.copytree(tiny_packs, tmp_path / "packs")
+    for lang in ("en", "zh"):
+        m = load_manifest(packs / lang)
+        del m["tokenizer"]["case"]
+        (packs / lang / MANIFEST_FILE).write_text(json.dumps(m), encoding="utf-8")
+    write_model_card(tmp_path, m)
+    assert "case folded" in (tmp_path / "README.md").read_text()
+    images = sorted(tiny_dataset["images"].iterdir())[:3]
+    for im in Captioner(packs, ["en", "zh"]).caption(images).images:
+        en, zh = im.captions["en"].text, im.captions["zh"].text  # lower case and unpunctuated, as decoded
+        assert en[:1].isupper() and en == written_form(en, "en")
+        assert " " not in zh and zh == written_form(zh, "zh")  # an undertrained tiny pack may say nothing

@@ -1,5 +1,6 @@
 """The caption job: a `Captioner` holds the shared encoder and the loaded packs, built once, and turns
-images (files or bytes) into captions in every language asked, under one search setting.
+images (files or bytes) into captions in every language asked, under one search setting. Captions
+come out as the language is written (`toolkit.written`), whatever the pack's age.
 
 `capkit caption`, `capkit evaluate`, `capkit report` (and a server) all caption
 through it; none of them builds an encoder or loads a pack itself.
@@ -30,7 +31,7 @@ class PackCaption:
     """One pack's caption of one image."""
 
     lang: str
-    text: str             # the caption, decoded by the pack's tokenizer
+    text: str             # the caption as the language is written (`written.written_form` of the decoded tokens)
     ids: list[int]        # its tokens, without BOS and EOS (what the report draws attention maps for)
     pack_version: str     # the manifest's `pack_version`: which build of the pack wrote it
 
@@ -176,6 +177,7 @@ class Captioner:
         """`caption`'s work for the packs `group` on encoder `eid`: one extraction, then one search per pack."""
         from toolkit.generate import beam_search_batched
         from toolkit.tokenizer import BOS_ID, EOS_ID
+        from toolkit.written import written_form
 
         t0 = time.perf_counter()
         encoder = self.encoder(group[0])
@@ -193,7 +195,7 @@ class Captioner:
             feats = encoder.features_view(keys, grid=True) if pack.needs_grid else pooled
             ids = beam_search_batched(pack.step, feats, BOS_ID, EOS_ID, search.beam, pack.manifest["decoder"]["max_length"],
                                       search.length_penalty, search.no_repeat_ngram) if keys else []
-            by_key = {k: PackCaption(lang, text, c, pack.manifest["pack_version"])
+            by_key = {k: PackCaption(lang, written_form(text, lang), c, pack.manifest["pack_version"])
                       for k, text, c in zip(keys, pack.tokenizer.decode(ids), ids)}
             for im in out:
                 if im.key in by_key:

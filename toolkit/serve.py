@@ -421,7 +421,7 @@ _CAPTIONS_OPENAPI = {
         "200": {"description": "Captions per image, in upload order",
                 "content": {"application/json": {"example": {"results": [{
                     "image": "dog.jpg", "seconds": 0.41,
-                    "captions": {"en": {"text": "a dog runs on the grass", "pack_version": "1.0.0"}}}]}}}},
+                    "captions": {"en": {"text": "A dog runs on the grass.", "pack_version": "1.0.0"}}}]}}}},
         "4XX": {"description": "What is wrong with the request", "content": {"application/json": {"example": {
             "error": "no 'fr' pack is served here (served: en, zh, or all)"}}}},
     },
