@@ -135,7 +135,9 @@ def cased_pack(tmp_path_factory, tiny_dataset):
     captions = root / "captions.en.txt"
     captions.write_text("\n".join(lines) + "\n", encoding="utf-8")
     packs = root / "packs"
-    build_tiny_pack("en", {**tiny_dataset, "captions_en": captions}, packs, train={"epochs": 6})
+    # Trained longer than the other tiny packs, so that its captions end with a learned "." ("A blue triangle on black.").
+    build_tiny_pack("en", {**tiny_dataset, "captions_en": captions}, packs, decoder={"vocab_size": 150},
+                    train={"epochs": 20, "patience": 20})
     return packs
 
 
@@ -157,6 +159,7 @@ def test_a_cased_pack_keeps_case_and_captions_in_written_form(cased_pack, tiny_d
     assert text.exit_code == 0, text.output
     captions = [line.split("\t")[1] for line in text.output.splitlines()]
     assert len(captions) == 4 and all(c[:1].isupper() and " ." not in c for c in captions), captions
+    assert any(c.endswith(".") for c in captions), captions
     rows = json.loads(CliRunner().invoke(app, args + ["--format", "json"]).output)
     assert [r["caption"] for r in rows] == captions
 
