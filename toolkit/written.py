@@ -6,10 +6,10 @@ attached the way the language writes it.
     written_form("一只狗 在 草地上 。", "zh")                # "一只狗在草地上。"
 
 Only spaces and the first letter's case change, never a word or a piece of
-punctuation, so BLEU's tokens (`evaluate.bleu_tokenize`: case-folded,
-punctuation a boundary) are the same before and after (tested on every
-Flickr8k caption); only the Turkish dotted capital İ folds otherwise, as the
-references' own İ does. A full stop the model did not write is not added.
+punctuation, so the tokens BLEU and CIDEr-D score (`evaluate.bleu_tokenize`:
+case-folded, punctuation a boundary) are the same before and after (tested on
+every Flickr8k caption); only the Turkish dotted capital İ folds otherwise, as
+the references' own İ does. A full stop the model did not write is not added.
 
 The decoder learns captions in `training_form`: punctuation attached, and the
 first word in the case it has inside captions ("a", but "Paris", and German
