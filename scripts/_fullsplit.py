@@ -33,7 +33,7 @@ def full_split(packs_dir: Path, lang: str = "en", grid: bool = False, vocab_size
     from toolkit.data import group_by_image, read_captions, read_split
     from toolkit.decoder import Sequences
     from toolkit.encoder import ENCODERS_DIR, Encoder
-    from toolkit.build import IN_MEMORY_FEATURES_BYTES
+    from toolkit.build import IN_MEMORY_FEATURES_BYTES, training_texts
     from toolkit.tokenizer import train_tokenizer
 
     flickr = shared_data() / "flickr8k"
@@ -43,19 +43,21 @@ def full_split(packs_dir: Path, lang: str = "en", grid: bool = False, vocab_size
         sys.exit(f"{Path(packs_dir) / ENCODERS_DIR}: expected one encoder, found {ids}")
     enc = Encoder.load(packs_dir, ids[0])
     texts = group_by_image(read_captions(caption_file(lang)).captions)
+    splits = {split: [n for n in read_split(flickr / f"Flickr_8k.{split}Images.txt") if n in texts and (images / n).is_file()]
+              for split in ("train", "dev")}
+    learned = training_texts(texts, splits["train"], lang)  # the written form the build's decoder learns
     out, tok = [], None
-    for split in ("train", "dev"):
-        names = [n for n in read_split(flickr / f"Flickr_8k.{split}Images.txt") if n in texts and (images / n).is_file()]
+    for split, names in splits.items():
         ex = enc.extract([images / n for n in names], grid=grid)
         if ex.n_extracted:
             print(f"warning: {ex.n_extracted} {split} images were not cached and were extracted now", file=sys.stderr)
         keys = [ex.keys[str(images / n)] for n in names]
         if tok is None:
-            tok = train_tokenizer([t for n in names for t in texts[n]], lang, vocab_size or DecoderConfig().vocab_size,
+            tok = train_tokenizer([t for n in names for t in learned[n]], lang, vocab_size or DecoderConfig().vocab_size,
                                   resolve_tokenizer(tokenizer, lang))
         idx, toks = [], []
         for i, n in enumerate(names):
-            ids_ = tok.encode(texts[n])
+            ids_ = tok.encode(learned[n])
             idx += [i] * len(ids_)
             toks += ids_
         view = enc.features_view(keys, grid=grid)
