@@ -152,7 +152,7 @@ def main() -> None:
         p = sub.add_parser(name)
         p.add_argument("--lang", required=True)
         p.add_argument("--packs-dir", type=Path, required=True, nargs="+" if name == "compare" else None)
-        p.add_argument("--images", type=Path, default=DATA / "Images")
+        p.add_argument("--images", type=Path, default=DATA / "Images224")  # the whole train and dev splits
         p.add_argument("--split", type=Path, default=DATA / "Flickr_8k.devImages.txt")
         p.add_argument("--bootstrap", type=int, default=1000 if name == "compare" else 0)
     s = sub.choices["sweep"]
