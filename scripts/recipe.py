@@ -62,9 +62,9 @@ def sweep(args) -> None:
         r = _evaluate(args.packs_dir, args.lang, args, dict(beam=beam, length_penalty=lp, no_repeat_ngram=nr), args.bootstrap)
         lengths = [len(bleu_tokenize(c, args.lang)) for c in r["captions"].values()]
         ci = r.get("ci") or {}
-        lo, hi = ci.get("bleu4", (float("nan"), float("nan")))
+        interval = "{:5.1f}-{:<5.1f}".format(*ci["bleu4"]) if "bleu4" in ci else f"{'-':^11}"  # -: no --bootstrap
         print(f"{beam:4d} {lp:4.1f} {nr:6d}  {r['bleu1']:5.1f} {r['bleu2']:5.1f} {r['bleu3']:5.1f} {r['bleu4']:5.1f}"
-              f"  {lo:5.1f}-{hi:<5.1f}  {sum(lengths) / len(lengths):5.1f}  {100 * r['repetition']:5.1f}%")
+              f"  {interval}  {sum(lengths) / len(lengths):5.1f}  {100 * r['repetition']:5.1f}%")
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({k: v for k, v in r.items() if k not in ("captions", "baselines")}) + "\n")
