@@ -112,12 +112,12 @@ class AttentionDecoder(keras.Model):
     Teacher forcing runs one tf.while_loop over the batch's steps; dropout,
     the word embeddings, their share of the cell's input product and the
     head act on whole sequences outside it, so the loop holds only the
-    attention and the cell's recurrent products. Inside it, captions are
-    ordered longest first and step t runs only the captions still going.
-    When a batch holds each image once (`rows`), dot-product scores and
-    contexts are two products against all the batch's annotations at once,
-    masked to each caption's own image: no per-caption copy of a 100-cell
-    grid is made, read or differentiated.
+    attention and the cell's recurrent products. When a batch holds each
+    image once (`rows`), dot-product scores and contexts are two products
+    against all the batch's annotations at once, masked to each caption's
+    own image: no per-caption copy of a 100-cell grid is made, read or
+    differentiated; captions are then ordered longest first and step t runs
+    only those still going.
 
     The decoding state is (h, c, annotations, attention keys): the last two
     are per-image tensors the step needs, carried as state so that beams
@@ -142,7 +142,7 @@ class AttentionDecoder(keras.Model):
         self.att_score = keras.layers.Dense(1, use_bias=False) if c.attention_score == "additive" else None  # v
         self.embed = keras.layers.Embedding(c.vocab_size, c.embed_dim)
         self.emb_drop = keras.layers.Dropout(c.dropout)
-        self.cell = keras.layers.LSTMCell(c.units)  # its weights; `_cell` computes what its call would
+        self.cell = keras.layers.LSTMCell(c.units)  # its weights; `_gates` computes what its call would
         self.deep = keras.layers.Dense(c.embed_dim) if c.deep_output else None
         self.out_drop = keras.layers.Dropout(c.dropout)
         self.head = keras.layers.Dense(c.vocab_size, dtype="float32")  # float32 logits under mixed precision
@@ -161,15 +161,9 @@ class AttentionDecoder(keras.Model):
         kernel = tf.cast(self.cell.kernel, dtype)
         return kernel[:e], kernel[e:], tf.cast(self.cell.recurrent_kernel, dtype), tf.cast(self.cell.bias, dtype)
 
-    def _input_part(self, x):
-        """The embedding's share of the cell's pre-activations, for any leading shape: x (..., E) -> (..., 4*units)."""
-        w_x, _, _, bias = self._weights(x.dtype)
-        return tf.tensordot(x, w_x, 1) + bias
-
-    def _cell(self, zx, context, h, c):
-        """keras.layers.LSTMCell's step on [x, context], with x's product `zx` made beforehand (`_input_part`)."""
-        _, w_ctx, w_rec, _ = self._weights(h.dtype)
-        z = zx + tf.matmul(context, w_ctx) + tf.matmul(h, w_rec)
+    @staticmethod
+    def _gates(z, c):
+        """keras.layers.LSTMCell's step from its pre-activations z (n, 4*units): (h, c)."""
         i, f, g, o = tf.split(z, 4, axis=-1)
         c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
         return tf.sigmoid(o) * tf.tanh(c), c
@@ -214,39 +208,48 @@ class AttentionDecoder(keras.Model):
         """
         h, c, a, keys = self.initial_state(features, training)
         n, steps = tf.shape(tokens)[0], tf.shape(tokens)[1]
-        lengths = tf.reduce_sum(tf.cast(tokens != PAD_ID, tf.int32), axis=1)
-        order = tf.argsort(lengths, direction="DESCENDING", stable=True)  # running captions are a prefix
-        lengths, tokens = tf.gather(lengths, order), tf.gather(tokens, order)
+        # Dot scores against a batch of images: no per-caption grid, so finished captions can drop out each step
+        # (longest first, the running ones are a prefix). Per-caption grids would be sliced (copied) every step.
         grouped = rows is not None and self.att_score is None
-        rows = tf.gather(tf.range(n) if rows is None else rows, order)
-        h, c = tf.gather(h, rows), tf.gather(c, rows)
-        own = tf.one_hot(rows, tf.shape(a)[0], dtype=h.dtype) if grouped else None
-        if not grouped:
+        if grouped:
+            lengths = tf.reduce_sum(tf.cast(tokens != PAD_ID, tf.int32), axis=1)
+            order = tf.argsort(lengths, direction="DESCENDING", stable=True)
+            lengths, tokens, rows = (tf.gather(v, order) for v in (lengths, tokens, rows))
+            own = tf.one_hot(rows, tf.shape(a)[0], dtype=h.dtype)
+        elif rows is not None:
             a, keys = tf.gather(a, rows), tf.gather(keys, rows)
+        if rows is not None:
+            h, c = tf.gather(h, rows), tf.gather(c, rows)
         x = self.emb_drop(self.embed(tokens), training=training)  # (n, T, E)
-        zxs = tf.transpose(self._input_part(x), [1, 0, 2])  # (T, n, 4*units), one product for all steps
+        w_x, w_ctx, w_rec, bias = self._weights(h.dtype)
+        zxs = tf.transpose(tf.tensordot(x, w_x, 1) + bias, [1, 0, 2])  # (T, n, 4*units), one product for all steps
         outs = [tf.TensorArray(h.dtype, size=steps) for _ in range(3)]
         context = tf.zeros_like(h)
         alpha = tf.zeros([n, tf.shape(a)[1]], h.dtype)
 
         def body(t, h, c, context, alpha, hs, contexts, alphas):
-            # Per-caption grids would be sliced (copied) every step to drop finished captions: all rows run.
-            k = tf.reduce_sum(tf.cast(lengths > t, tf.int32)) if grouped else n
-            if own is None:
-                al, ctx = self._attend(h[:k], a[:k], keys[:k])
-            else:
+            if grouped:
+                k = tf.reduce_sum(tf.cast(lengths > t, tf.int32))
                 al, ctx = self._attend_images(h[:k], a, keys, own[:k])
-            h_k, c_k = self._cell(zxs[t][:k], ctx, h[:k], c[:k])
-            h, c, context, alpha = (_update_prefix(old, new) for old, new in ((h, h_k), (c, c_k), (context, ctx),
-                                                                              (alpha, al)))
+                h_k, c_k = self._gates(zxs[t][:k] + tf.matmul(ctx, w_ctx) + tf.matmul(h[:k], w_rec), c[:k])
+                h, c, context, alpha = (_update_prefix(old, new) for old, new in ((h, h_k), (c, c_k), (context, ctx),
+                                                                                  (alpha, al)))
+            else:
+                alpha, context = self._attend(h, a, keys)
+                h, c = self._gates(zxs[t] + tf.matmul(context, w_ctx) + tf.matmul(h, w_rec), c)
             return t + 1, h, c, context, alpha, hs.write(t, h), contexts.write(t, context), alphas.write(t, alpha)
 
         *_, hs, contexts, alphas = tf.while_loop(lambda t, *_: t < steps, body,
                                                  (tf.constant(0), h, c, context, alpha, *outs))
-        back = tf.math.invert_permutation(order)
-        seq = lambda ta: tf.gather(tf.transpose(ta.stack(), [1, 0, 2]), back)  # noqa: E731
-        x = tf.gather(x, back)
-        return self._logits(seq(hs), seq(contexts), x, training), seq(alphas)
+        back = tf.math.invert_permutation(order) if grouped else None
+
+        def seq(v):  # (T, n, ...) in loop order -> (n, T, ...) in the captions' order
+            v = tf.transpose(v, [1, 0, 2])
+            return tf.gather(v, back) if grouped else v
+
+        if grouped:
+            x = tf.gather(x, back)
+        return self._logits(seq(hs.stack()), seq(contexts.stack()), x, training), seq(alphas.stack())
 
     def call(self, inputs, training=False):
         features, tokens, *rows = inputs  # rows: see `training_dataset`
@@ -263,7 +266,8 @@ class AttentionDecoder(keras.Model):
         """One token per row -> (log-probabilities of the next token, h, c, annotations, keys)."""
         x = self.embed(tokens)
         _, context = self._attend(h, a, keys)
-        h, c = self._cell(self._input_part(x), context, h, c)
+        h, c = self._gates(tf.matmul(tf.concat([x, context], axis=-1), tf.cast(self.cell.kernel, h.dtype))
+                           + tf.matmul(h, tf.cast(self.cell.recurrent_kernel, h.dtype)) + tf.cast(self.cell.bias, h.dtype), c)
         return tf.nn.log_softmax(tf.cast(self._logits(h, context, x), tf.float32)), h, c, a, keys
 
     def attention_maps(self, features, tokens) -> np.ndarray:

@@ -58,14 +58,14 @@ CIDER_SIGMA = 6.0  # width of CIDEr-D's Gaussian length penalty, in tokens (coco
 _WORD_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC", "DIGIT")
 
 
-def _base_lang(lang: str) -> str:
+def base_lang(lang: str) -> str:
     """'zh-CN', 'zh_Hans', 'ZH' -> 'zh'."""
     return lang.strip().lower().replace("_", "-").split("-")[0]
 
 
 def tokenization_name(lang: str) -> str:
     """'chars' for CHAR_LANGS ('zh', 'ja-JP', ...), else 'words'."""
-    return "chars" if _base_lang(lang) in CHAR_LANGS else "words"
+    return "chars" if base_lang(lang) in CHAR_LANGS else "words"
 
 
 def _is_word_char(ch: str) -> bool:

@@ -24,6 +24,8 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
+from toolkit.evaluate import base_lang
+
 # Scripts of these are written without spaces between words: no space between two of their characters.
 _UNSPACED = frozenset({"zh", "ja", "yue"})
 # Scripts without case, where a Latin word that opens a caption ("iPhone") keeps its own.
@@ -40,17 +42,13 @@ _ENGLISH_CLITIC = re.compile(r"(?<=\w)\s+(['’](?:s|re|ve|ll|d|m))\b", re.IGNOR
 _UPPER = {"tr": {"i": "İ"}, "az": {"i": "İ"}}  # Turkish and Azerbaijani dotted i
 
 
-def _base(lang: str) -> str:
-    return lang.strip().lower().replace("_", "-").split("-")[0]
-
-
 def attach_punctuation(text: str, lang: str) -> str:
     """`text` with its spaces as `lang` writes them; case untouched.
 
     >>> attach_punctuation('a sign that says " stop . " ( # 7 )', "en")
     'a sign that says "stop." (# 7)'
     """
-    lang = _base(lang)
+    lang = base_lang(lang)
     text = " ".join(text.split())
     if lang == "fr":
         text = _FRENCH_SPACED.sub(NNBSP + r"\1", _SPACE_BEFORE_FRENCH_STOP.sub(r"\1", text))
@@ -88,7 +86,7 @@ def _wide(ch: str) -> bool:
 
 def capitalise(text: str, lang: str) -> str:
     """`text` with its first letter or digit in upper case where it has case: "¿qué?" -> "¿Qué?", "2 dogs" unchanged."""
-    lang = _base(lang)
+    lang = base_lang(lang)
     if lang in _CASELESS:
         return text
     for i, ch in enumerate(text):
