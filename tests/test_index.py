@@ -90,6 +90,7 @@ def test_index_lists_each_archive_with_what_it_must_be(shelf):
         manifest, carried = read_archive(archive)
         assert e["encoder"]["digest"] == manifest["encoder"]["digest"] and e["encoder"]["included"] is True
         assert e["scores"]["test"]["bleu4"] == manifest["scores"]["test"]["model"]["bleu4"]
+        assert e["scores"]["test"]["cider_d"] == manifest["scores"]["test"]["model"]["cider_d"]
         assert e["toolkit_version"] == manifest["toolkit_version"]
     # written elsewhere, URLs are relative to where the index is, and nothing else changes
     again = shelf.parent / "again.json"

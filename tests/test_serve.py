@@ -141,6 +141,7 @@ def test_packs_healthz_openapi_and_the_page(served, tiny_packs):
     zh = packs[1]
     assert zh["version"] == manifest["pack_version"] and zh["decoder"] == "lstm"
     assert zh["scores"]["test"]["bleu4"] == manifest["scores"]["test"]["model"]["bleu4"]
+    assert zh["scores"]["test"]["cider_d"] == manifest["scores"]["test"]["model"]["cider_d"]
     health = httpx.get(served.url + "healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     doc = httpx.get(served.url + "openapi.json").json()

@@ -11,7 +11,7 @@ refused, before anything is unpacked, when what arrives differs:
        "encoder": {"id": "xception-299-dd8fa9fc31ba", "name": "xception", "image_size": 299,
                    "digest": "dd8f...", "source": "file", "included": true},
        "toolkit_version": "0.1.0", "pack_format_version": 1,
-       "scores": {"test": {"bleu1": 61.2, "bleu4": 21.0}}}]}
+       "scores": {"test": {"bleu1": 61.2, "bleu4": 21.0, "cider_d": 47.9}}}]}
 
 `url` is absolute (http or https) or relative to the index (a URL or a
 file). There is no default index: the location is an argument or
@@ -142,7 +142,7 @@ def build_index(folder: Path, out: Path | None = None, max_bytes: int = DEFAULT_
 
 
 def _entry(path: Path, manifest: dict, carried: dict | None, url: str) -> dict:
-    scores = {split: {k: systems["model"][k] for k in ("bleu1", "bleu4") if k in systems.get("model", {})}
+    scores = {split: {k: systems["model"][k] for k in ("bleu1", "bleu4", "cider_d") if k in systems.get("model", {})}
               for split, systems in manifest["scores"].items()}
     return {
         "lang": manifest["lang"], "name": manifest["name"], "version": manifest["pack_version"],

@@ -308,7 +308,7 @@ def pack_summary(lang: str, manifest: dict) -> dict:
     scores = {}
     for split, systems in (manifest.get("scores") or {}).items():
         model = systems.get("model", {})
-        scores[split] = {k: model[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "n_images", "beam",
+        scores[split] = {k: model[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider_d", "n_images", "beam",
                                                "length_penalty", "no_repeat_ngram", "signature") if k in model}
     return {"lang": lang, "name": manifest.get("name"), "version": manifest["pack_version"],
             "decoder": architecture(manifest), "encoder": manifest["encoder"]["id"], "direction": text_dir(lang),
