@@ -33,10 +33,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from toolkit.captioner import Captioner
-    from toolkit.data import read_split
+    from toolkit.data import group_by_image, read_captions, read_split
     from toolkit.evaluate import paired_bootstrap
     from toolkit.pack import REFERENCES_FILE, find_pack
-    from toolkit.score import _references, evaluate_packs
+    from toolkit.score import evaluate_packs
 
     flickr = shared_data() / "flickr8k"
     full, small = flickr / "Images", flickr / "Images224"
@@ -52,7 +52,7 @@ def main() -> None:
             for label, folder in (("full-size", full), ("224x224", small)):
                 res[label] = evaluate_packs([lang], args.packs_dir, folder, split, bootstrap=args.bootstrap,
                                             baselines=False, captioner=captioner)[0]
-            refs = _references(find_pack(args.packs_dir, lang) / REFERENCES_FILE, False)
+            refs = group_by_image(read_captions(find_pack(args.packs_dir, lang) / REFERENCES_FILE).captions)
             a, b = res["full-size"]["captions"], res["224x224"]["captions"]
             paired = paired_bootstrap(a, b, {n: refs[n] for n in a}, lang, n=args.bootstrap)
             same = sum(a[n] == b[n] for n in a) / len(a)
