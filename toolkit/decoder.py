@@ -266,8 +266,8 @@ class AttentionDecoder(keras.Model):
         """One token per row -> (log-probabilities of the next token, h, c, annotations, keys)."""
         x = self.embed(tokens)
         _, context = self._attend(h, a, keys)
-        h, c = self._gates(tf.matmul(tf.concat([x, context], axis=-1), tf.cast(self.cell.kernel, h.dtype))
-                           + tf.matmul(h, tf.cast(self.cell.recurrent_kernel, h.dtype)) + tf.cast(self.cell.bias, h.dtype), c)
+        w_x, w_ctx, w_rec, bias = self._weights(h.dtype)
+        h, c = self._gates(tf.matmul(x, w_x) + tf.matmul(context, w_ctx) + tf.matmul(h, w_rec) + bias, c)
         return tf.nn.log_softmax(tf.cast(self._logits(h, context, x), tf.float32)), h, c, a, keys
 
     def attention_maps(self, features, tokens) -> np.ndarray:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from toolkit.evaluate import base_lang
+
 # Written right to left; their caption cells get dir="rtl".
 RTL_LANGS = frozenset({"ar", "he", "iw", "fa", "ur", "yi", "ps", "sd", "ug", "dv", "ckb"})
 # The browser refuses everything but the embedded images and the inline style.
@@ -23,7 +25,7 @@ SCORE_ORDERS = (1, 2, 3, 4)
 
 def text_dir(lang: str) -> str:
     """'rtl' for right-to-left languages ('ar', 'he-IL', 'fa'), else 'ltr'."""
-    return "rtl" if lang.strip().lower().replace("_", "-").split("-")[0] in RTL_LANGS else "ltr"
+    return "rtl" if base_lang(lang) in RTL_LANGS else "ltr"
 
 
 @dataclass
