@@ -204,3 +204,27 @@ def test_feature_view_reads_rows_lazily(tiny_packs, tiny_dataset):
     assert view.shape == (4, 2048) and len(view) == 4
     np.testing.assert_array_equal(view[[2, 0]], enc.features([keys[2], keys[0]]))
     assert sum(len(c) for c in view.chunks(3)) == 4
+
+
+def test_self_critical_epochs_fine_tune_after_the_teacher_forced_checkpoint(tiny_dataset, tmp_path):
+    """Ctrl-C in the self-critical stage: the rerun trains no teacher-forced epoch again, and the manifest says what ran."""
+    from toolkit.pipeline import Report
+
+    def stop_in_self_critical(kind, **f):
+        if kind == "progress" and f["stage"] == "self-critical":
+            raise KeyboardInterrupt
+
+    sc = {"self_critical_epochs": 2, "self_critical_batch": 8}
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_pack("en", tiny_dataset, tmp_path / "packs", train=sc, report=Report(stop_in_self_critical))
+    events = []
+    result = build_tiny_pack("en", tiny_dataset, tmp_path / "packs", train=sc,
+                             report=Report(lambda kind, **f: events.append((kind, f.get("epoch")))))
+    assert ("epoch", 1) not in events  # the teacher-forced run resumed finished
+    assert [e for k, e in events if k == "self_critical_epoch"] == [1, 2]
+    m = load_manifest(result.pack_dir)
+    done = m["training"]["self_critical"]
+    assert done["epoch"] == 2 and [h["epoch"] for h in done["history"]] == [0, 1, 2]
+    assert done["best_epoch"] == max(done["history"], key=lambda h: h["dev_cider_d"])["epoch"]
+    assert m["train"]["self_critical_epochs"] == 2
+    assert result.manifest["stage_seconds"]["self-critical"] > 0

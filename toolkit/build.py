@@ -136,6 +136,9 @@ def build_pack(
     trained = train(lang, features, learned, tokenizer, dec_cfg, tr_cfg, packs_dir, report)
     if not chief:
         return BuildResult(packs_dir / lang, {}, report.warnings, chief=False)
+    if tr_cfg.self_critical_epochs and features.present.get("dev"):
+        report("stage", name="self-critical")
+        trained = self_critical(lang, features, learned, translation.texts, tokenizer, tr_cfg, trained, report)
     report("stage", name="score")
     from toolkit.generate import KerasStepModel
 
@@ -160,6 +163,9 @@ def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig):
     from toolkit.train import distribution_strategy
 
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
+    if tr_cfg.self_critical_epochs and tr_cfg.strategy != "default":
+        raise CapkitError("self-critical training runs on one device only",
+                          hint="drop --self-critical-epochs, or train with --strategy default")
     dec_cfg.tokenizer = resolve_tokenizer(dec_cfg.tokenizer, lang)  # the manifest names the model really trained
     return distribution_strategy(tr_cfg.strategy)  # a strategy capkit cannot train under fails now, before any work
 
@@ -331,13 +337,7 @@ def train(lang: str, features: Features, texts: dict[str, list[str]], tokenizer,
     from toolkit.decoder import Sequences, train_decoder
 
     report = report or Report()
-    encoder, key_of, present, grid = features.encoder, features.key_of, features.present, features.grid
-
-    def decoder_features(split):
-        keys = [key_of[n] for n in present.get(split, [])]
-        view = encoder.features_view(keys, grid=grid)
-        # Small splits train fastest from memory; large ones read the memory map batch by batch.
-        return view if view.nbytes > IN_MEMORY_FEATURES_BYTES else view[np.arange(len(view))]
+    present = features.present
 
     def sequences(split):
         names = present.get(split, [])
@@ -346,17 +346,55 @@ def train(lang: str, features: Features, texts: dict[str, list[str]], tokenizer,
             enc = tokenizer.encode(texts[n])
             idx += [i] * len(enc)
             toks += enc
-        return decoder_features(split), Sequences(np.array(idx, np.int32), toks)
+        return _decoder_features(features, split), Sequences(np.array(idx, np.int32), toks)
 
     train_f, train_s = sequences("train")
     dev_f, dev_s = sequences("dev")
-    run_key = _run_key(lang, dec_cfg, tr_cfg, encoder.id, present["train"], _train_texts(texts, present["train"]))
+    run_key = _run_key(lang, dec_cfg, tr_cfg, features.encoder.id, present["train"], _train_texts(texts, present["train"]))
     work = packs_dir / WORK_DIR / f"{lang}-{run_key}"
     t0 = time.perf_counter()
     model, state = train_decoder(train_f, train_s, dev_f, dev_s, dec_cfg, tr_cfg, work,
                                  progress=lambda e: report("epoch", **e))
     train_seconds = sum(h.get("seconds", 0) for h in state["history"]) or time.perf_counter() - t0
     return Trained(model, state, train_seconds, work, run_key)
+
+
+def _decoder_features(features: Features, split: str):
+    """What the decoder reads for `split`'s images, in `present` order: pooled vectors, or grids for attention."""
+    keys = [features.key_of[n] for n in features.present.get(split, [])]
+    view = features.encoder.features_view(keys, grid=features.grid)
+    # Small splits train fastest from memory; large ones read the memory map batch by batch.
+    return view if view.nbytes > IN_MEMORY_FEATURES_BYTES else view[np.arange(len(view))]
+
+
+def self_critical(lang: str, features: Features, train_texts: dict[str, list[str]], dev_texts: dict[str, list[str]],
+                  tokenizer, tr_cfg: TrainConfig, trained: Trained, report: Report | None = None) -> Trained:
+    """`trained` fine-tuned on CIDEr-D (`toolkit.selfcritical`), in a checkpoint folder of its own under `trained.work`.
+
+    The teacher-forced checkpoints are untouched, so a build that adds or
+    changes self-critical settings resumes from them instead of training
+    again. The manifest's `training.self_critical` records each epoch.
+    """
+    from toolkit.selfcritical import fine_tune, reference_tokens
+
+    report = report or Report()
+    present = features.present
+    settings = {k: v for k, v in asdict(tr_cfg).items() if k.startswith("self_critical") or k in ("seed", "clipnorm")}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+    def progress(e):
+        if "step" in e:
+            report("progress", stage="self-critical", done=e["step"], total=e["steps"], unit="batch")
+        else:
+            report("self_critical_epoch", **e)
+
+    model, state = fine_tune(trained.model, _decoder_features(features, "train"),
+                             reference_tokens(train_texts, present["train"], lang), _decoder_features(features, "dev"),
+                             reference_tokens(dev_texts, present.get("dev", []), lang), tokenizer, lang, tr_cfg,
+                             trained.work / f"self-critical-{key}", progress)
+    seconds = sum(h.get("seconds", 0) for h in state["history"])
+    return replace(trained, model=model, state={**trained.state, "self_critical": state},
+                   seconds=trained.seconds + seconds)
 
 
 def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id: str, train_names: list[str],
@@ -368,7 +406,9 @@ def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id:
         [lang, {k: v for k, v in asdict(dec_cfg).items()
                 if k not in ADDED_FIELDS["DecoderConfig"] or v != getattr(defaults, k)},
          {k: v for k, v in asdict(tr_cfg).items()
-          if k != "strategy" and (k not in ADDED_FIELDS["TrainConfig"] or v != getattr(train_defaults, k))}, encoder_id,
+          # Self-critical settings only shape the fine-tuning after it, which keeps checkpoints of its own.
+          if k != "strategy" and not k.startswith("self_critical")
+          and (k not in ADDED_FIELDS["TrainConfig"] or v != getattr(train_defaults, k))}, encoder_id,
          sorted(train_names), train_texts[:50]], sort_keys=True
     ).encode()).hexdigest()[:12]
 
@@ -459,6 +499,8 @@ def make_manifest(lang: str, pack_version: str, captions_path: Path, split_files
             "best_dev_loss": state["best_val_loss"],
             "seconds": round(trained.seconds, 1),
             "hardware": _hardware(),
+            **({"self_critical": {k: state["self_critical"][k] for k in ("epoch", "best_epoch", "history")}}
+               if "self_critical" in state else {}),
         },
         "scores": scores,
         "files": {},

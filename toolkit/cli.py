@@ -69,6 +69,11 @@ class _Progress:
         elif kind == "epoch" and not self.quiet:
             typer.echo(f"  epoch {f['epoch']:3d}  loss {f['loss']:.3f}  dev loss {f['val_loss']:.3f}  "
                        f"lr {f['lr']:.2g}  {f['seconds']:.1f}s", err=True)
+        elif kind == "self_critical_epoch" and not self.quiet:
+            self._close()
+            reward = f"  reward {f['reward']:.3f}" if "reward" in f else ""
+            typer.echo(f"  self-critical epoch {f['epoch']:3d}{reward}  dev CIDEr-D {f['dev_cider_d']:.1f}  "
+                       f"{f.get('seconds', 0):.1f}s", err=True)
         elif kind == "encoded" and not self.quiet:
             typer.echo(f"  {f['extracted']} images encoded, {f['cached']} from cache, {f['seconds']:.1f}s", err=True)
 
@@ -193,6 +198,11 @@ def build_pack(
     patience: int = typer.Option(TrainConfig.patience, "--patience", help="Epochs without dev improvement before stopping."),
     min_delta: float = typer.Option(TrainConfig.min_delta, "--min-delta",
                                     help="Smallest dev-loss fall that counts as an improvement."),
+    self_critical_epochs: int = typer.Option(TrainConfig.self_critical_epochs, "--self-critical-epochs",
+                                             help="After teacher forcing, epochs of self-critical training on CIDEr-D "
+                                             "(the best dev epoch is kept); 0 skips it."),
+    self_critical_lr: float = typer.Option(TrainConfig.self_critical_lr, "--self-critical-lr",
+                                           help="Adam's rate for the self-critical epochs."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
     length_penalty: float = LengthPenaltyOption(),
     no_repeat_ngram: int = NoRepeatOption(),
@@ -215,12 +225,15 @@ def build_pack(
         raise CapkitError(f"--epochs must be at least 1, not {epochs}")
     search = _search_options(beam, length_penalty, no_repeat_ngram)
     for flag, value, low in (("--image-size", 71 if image_size is None else image_size, 71), ("--units", units, 1),
-                             ("--embed-dim", embed_dim, 1), ("--batch-size", batch_size, 1), ("--patience", patience, 0)):
+                             ("--embed-dim", embed_dim, 1), ("--batch-size", batch_size, 1), ("--patience", patience, 0),
+                             ("--self-critical-epochs", self_critical_epochs, 0)):
         _at_least(flag, value, low)
     if not 0 <= dropout < 1:
         raise CapkitError(f"--dropout must be in [0, 1), not {dropout}")
     if not learning_rate > 0:
         raise CapkitError(f"--learning-rate must be positive, not {learning_rate}")
+    if not self_critical_lr > 0:
+        raise CapkitError(f"--self-critical-lr must be positive, not {self_critical_lr}")
     if lr_schedule not in LR_SCHEDULES:
         raise CapkitError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
     if not clipnorm >= 0:
@@ -265,7 +278,8 @@ def build_pack(
                                      tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
-                                 patience=patience, min_delta=min_delta, seed=seed, strategy=strategy),
+                                 patience=patience, min_delta=min_delta, seed=seed, strategy=strategy,
+                                 self_critical_epochs=self_critical_epochs, self_critical_lr=self_critical_lr),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
     if not result.chief:

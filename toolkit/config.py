@@ -86,6 +86,11 @@ class TrainConfig:
     min_delta: float = 0.005    # an epoch improves only if dev loss falls by more than this (nats per token); the
                                 # best weights are kept whatever the gain. On the full Flickr8k split, epochs 10-22
                                 # each gained under 0.005 and bought no dev BLEU (docs/experiments.md)
+    self_critical_epochs: int = 0  # after teacher forcing, epochs of self-critical training on CIDEr-D
+                                # (toolkit.selfcritical); 0 skips it. The best dev CIDEr-D epoch is kept, 0 included
+    self_critical_lr: float = 5e-5  # Adam's rate for those epochs (Rennie et al.'s)
+    self_critical_samples: int = 5  # captions sampled per image and step; each is judged against the others' mean
+    self_critical_batch: int = 50   # images per self-critical step
     seed: int = 0               # shuffling and initialisation
     strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs) or multiworker
                                 # (every worker of the TF_CONFIG cluster; see toolkit.train)
@@ -114,7 +119,9 @@ SEARCH = SearchConfig()
 ADDED_FIELDS = {
     "DecoderConfig": {"architecture": "lstm", "attention_reg": 1.0, "deep_output": False, "tokenizer": "unigram",
                       "attention_score": "additive"},
-    "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0},
+    "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0,
+                    "self_critical_epochs": 0, "self_critical_lr": 5e-5, "self_critical_samples": 5,
+                    "self_critical_batch": 50},
 }
 
 

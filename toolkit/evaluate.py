@@ -152,9 +152,54 @@ def _image_stats(hyp: list[str], refs: list[list[str]]) -> list[int]:
     return matches + totals + [len(hyp), closest]
 
 
+class CiderD:
+    """CIDEr-D of captions against the references of their image, with document frequencies fixed by a corpus.
+
+    `references[i]` are image i's tokenised references; the idf of an n-gram
+    is log(images) - log(max(1, images whose references contain it)), over
+    these images. `score(hyps, images)` scores hyps[k] against the
+    references of image images[k], x100 (see `_cider_d`, which is this with
+    the scored images as the corpus). Each reference's tf-idf vectors are
+    computed once, so scoring many captions of the same images (a reward
+    during training) costs only the hypotheses' own n-grams.
+
+    >>> CiderD([[["a", "dog"]], [["a", "cat"]]]).score([["a", "dog"]], [0])
+    array([...])
+    """
+
+    def __init__(self, references: list[list[list[str]]]):
+        orders = range(1, MAX_ORDER + 1)
+        grams = [[[_ngram_counts(r, n) for n in orders] for r in rs] for rs in references]
+        df: Counter = Counter()
+        for image in grams:
+            df.update({g for ref in image for counts in ref for g in counts})
+        self._df, self._log_images = df, math.log(max(len(references), 1))
+        self._refs = [[(len(r), [self._tfidf(c) for c in counts]) for r, counts in zip(rs, image)]
+                      for rs, image in zip(references, grams)]
+
+    def _tfidf(self, counts: Counter) -> tuple[dict, float]:
+        vec = {g: c * (self._log_images - math.log(max(1, self._df[g]))) for g, c in counts.items()}
+        return vec, math.sqrt(sum(w * w for w in vec.values()))
+
+    def score(self, hyps: Sequence[Sequence[str]], images: Sequence[int]) -> np.ndarray:
+        scores = np.zeros(len(hyps))
+        for k, (hyp, image) in enumerate(zip(hyps, images)):
+            refs = self._refs[image]
+            hyp_vecs = [self._tfidf(_ngram_counts(hyp, n)) for n in range(1, MAX_ORDER + 1)]
+            total = 0.0
+            for ref_len, ref_vecs in refs:
+                penalty = math.exp(-((len(hyp) - ref_len) ** 2) / (2 * CIDER_SIGMA**2))
+                for (h, h_norm), (r, r_norm) in zip(hyp_vecs, ref_vecs):
+                    if h_norm and r_norm:
+                        dot = sum(min(w, r.get(g, 0.0)) * r.get(g, 0.0) for g, w in h.items())
+                        total += penalty * dot / (h_norm * r_norm)
+            scores[k] = 100 * 10 * total / (MAX_ORDER * max(len(refs), 1))
+        return scores
+
+
 def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]]) -> np.ndarray:
     """CIDEr-D of each image, x100, computed as coco-caption's `CiderScorer`
-    does (n-grams 1-4, sigma 6):
+    does (n-grams 1-4, sigma 6), document frequencies from `refs` itself:
 
     * an n-gram's weight is its raw count in the caption times its idf,
       log(images) - log(max(1, images whose references contain it));
@@ -169,30 +214,7 @@ def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]]) -> np.ndarray:
     whenever both captions have a token, and otherwise nothing matches.
     One image alone scores 0 (every idf is log 1 - log 1).
     """
-    orders = range(1, MAX_ORDER + 1)
-    ref_grams = [[[_ngram_counts(r, n) for n in orders] for r in rs] for rs in refs]
-    df: Counter = Counter()
-    for image in ref_grams:
-        df.update({g for ref in image for counts in ref for g in counts})
-    log_images = math.log(len(refs))
-
-    def tfidf(counts: Counter) -> tuple[dict, float]:
-        vec = {g: c * (log_images - math.log(max(1, df[g]))) for g, c in counts.items()}
-        return vec, math.sqrt(sum(w * w for w in vec.values()))
-
-    scores = np.zeros(len(hyps))
-    for i, (hyp, rs, grams) in enumerate(zip(hyps, refs, ref_grams)):
-        hyp_vecs = [tfidf(_ngram_counts(hyp, n)) for n in orders]
-        total = 0.0
-        for ref, ref_counts in zip(rs, grams):
-            penalty = math.exp(-((len(hyp) - len(ref)) ** 2) / (2 * CIDER_SIGMA**2))
-            for (h, h_norm), counts in zip(hyp_vecs, ref_counts):
-                r, r_norm = tfidf(counts)
-                if h_norm and r_norm:
-                    dot = sum(min(w, r.get(g, 0.0)) * r.get(g, 0.0) for g, w in h.items())
-                    total += penalty * dot / (h_norm * r_norm)
-        scores[i] = 100 * 10 * total / (MAX_ORDER * len(rs))
-    return scores
+    return CiderD(refs).score(hyps, range(len(hyps)))
 
 
 def _scores_from_sums(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

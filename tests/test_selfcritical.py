@@ -1,0 +1,127 @@
+"""Self-critical fine-tuning: the sampler, the baseline, the reward it climbs, the weights it keeps, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from toolkit import decoder as dec
+from toolkit import selfcritical as sc
+from toolkit.config import DecoderConfig, TrainConfig
+from toolkit.evaluate import CiderD, _cider_d, bleu_tokenize
+from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+
+# Four kinds of photo, each always described by one of two captions.
+CAPTIONS = [["a dog runs", "a dog runs on grass"], ["a cat sleeps", "a cat sleeps on a bed"],
+            ["two men ride bikes", "two men ride"], ["a girl swims", "a girl swims in water"]]
+
+
+def _task(n_per_class=12, seed=0):
+    rng = np.random.default_rng(seed)
+    classes = np.repeat(np.arange(4), n_per_class)
+    feats = np.eye(4, 8, dtype=np.float32)[classes] * 3 + rng.normal(scale=0.1, size=(len(classes), 8)).astype(np.float32)
+    refs = [[bleu_tokenize(t, "en") for t in CAPTIONS[k]] for k in classes]
+    return feats, refs
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [t for pair in CAPTIONS for t in pair] * 5
+    return train_tokenizer(texts, "en", vocab_size=40, model_type="unigram")
+
+
+def _model(tokenizer, feats, seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    cfg = DecoderConfig(vocab_size=tokenizer.vocab_size, feature_dim=8, embed_dim=16, units=32, dropout=0.0, max_length=8)
+    return dec.training_model(cfg, TrainConfig(), feats)
+
+
+def test_the_baseline_is_the_mean_of_the_other_samples():
+    r = np.array([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    # image 0: 1 - (2 + 6) / 2, 2 - (1 + 6) / 2, 6 - (1 + 2) / 2; image 1 likewise
+    assert sc.advantages(r, 3).tolist() == [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]
+
+
+def test_cider_d_with_fixed_document_frequencies_is_coco_cider_on_its_own_corpus():
+    _, refs = _task(3)
+    hyps = [bleu_tokenize(t, "en") for t in ["a dog runs on a bed", "a cat", "two men", "a girl swims in water"] * 3]
+    scorer = CiderD(refs)
+    assert np.allclose(scorer.score(hyps, range(len(hyps))), _cider_d(hyps, refs))
+    # Scored against another image's references: the same as moving the caption there.
+    moved = [hyps[1]] + hyps[1:]
+    assert scorer.score([hyps[1]], [0])[0] == pytest.approx(_cider_d(moved, refs)[0])
+
+
+def test_samples_follow_the_models_distribution_and_end_with_eos(tokenizer):
+    feats, _ = _task(1)
+    model = _model(tokenizer, feats)
+    draw = sc.sampler(model, samples=2000, max_length=8)
+    ids = draw(feats[:1], np.array([3, 4], np.int32)).numpy()
+    assert ids.shape[0] == 2000
+    assert np.array_equal(ids, draw(feats[:1], np.array([3, 4], np.int32)).numpy())  # stateless: same seed, same ids
+    ended = (ids == EOS_ID).any(axis=1)
+    for row in ids[ended]:  # EOS, then only padding
+        assert (row[int(np.argmax(row == EOS_ID)) + 1:] == PAD_ID).all()
+    assert not (ids[~ended] == PAD_ID).any()  # a sample cut at max_length has no padding
+    # The first token's frequencies against the model's own probabilities of it.
+    h, c = model.initial_state(feats[:1])
+    logp, _, _ = model.step(np.array([BOS_ID], np.int32), h, c)
+    p = np.exp(logp.numpy()[0])
+    p[[PAD_ID, BOS_ID]] = 0  # never sampled
+    p /= p.sum()
+    assert not np.isin(ids, [BOS_ID]).any()
+    freq = np.bincount(ids[:, 0], minlength=len(p)) / len(ids)
+    assert np.abs(freq - p).max() < 4 * np.sqrt(p.max() / len(ids)) + 1e-3
+
+
+def test_fine_tuning_raises_the_reward_and_keeps_the_best_dev_weights(tokenizer, tmp_path):
+    feats, refs = _task(12)
+    dev_feats, dev_refs = _task(3, seed=1)
+    model = _model(tokenizer, feats)
+    tc = TrainConfig(self_critical_epochs=6, self_critical_lr=3e-2, self_critical_samples=4, self_critical_batch=12)
+    seen = []
+    model, state = sc.fine_tune(model, feats, refs, dev_feats, dev_refs, tokenizer, "en", tc, tmp_path / "sc",
+                                progress=lambda e: "step" not in e and seen.append(e["epoch"]))
+    history = state["history"]
+    assert seen == [1, 2, 3, 4, 5, 6] and [h["epoch"] for h in history] == [0, 1, 2, 3, 4, 5, 6]
+    assert history[-1]["reward"] > 3 * history[1]["reward"]  # the training samples score higher and higher
+    best = max(history, key=lambda h: h["dev_cider_d"])
+    assert state["best_epoch"] == best["epoch"] > 0
+    # The model returned is the best epoch's: its greedy dev captions score what that epoch scored.
+    from toolkit.generate import beam_search_tf
+
+    ids = beam_search_tf(model, dev_feats, BOS_ID, EOS_ID, beam=1, max_length=8)
+    hyps = [bleu_tokenize(t, "en") for t in tokenizer.decode(ids)]
+    assert CiderD(dev_refs).score(hyps, range(len(hyps))).mean() == pytest.approx(best["dev_cider_d"], abs=1e-6)
+
+
+def test_a_fine_tuning_that_only_hurts_returns_the_model_it_was_given(tokenizer, tmp_path):
+    feats, refs = _task(12)
+    model = _model(tokenizer, feats)
+    tc = TrainConfig(self_critical_epochs=2, self_critical_lr=3e-2, self_critical_samples=4, self_critical_batch=12)
+    # First teach it the task, then fine-tune again with a step so large it can only wreck it.
+    model, _ = sc.fine_tune(model, feats, refs, feats, refs, tokenizer, "en",
+                            TrainConfig(**{**tc.__dict__, "self_critical_epochs": 6}), tmp_path / "teach")
+    before = [w.copy() for w in model.get_weights()]
+    wreck = TrainConfig(**{**tc.__dict__, "self_critical_lr": 50.0, "clipnorm": 0})
+    model, state = sc.fine_tune(model, feats, refs, feats, refs, tokenizer, "en", wreck, tmp_path / "wreck")
+    assert state["best_epoch"] == 0
+    assert all(h["dev_cider_d"] < state["history"][0]["dev_cider_d"] for h in state["history"][1:])
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_a_stopped_fine_tuning_resumes_at_its_next_epoch(tokenizer, tmp_path):
+    feats, refs = _task(6)
+    tc = TrainConfig(self_critical_epochs=1, self_critical_lr=1e-2, self_critical_samples=3, self_critical_batch=8)
+    _, first = sc.fine_tune(_model(tokenizer, feats), feats, refs, feats, refs, tokenizer, "en", tc, tmp_path / "sc")
+    epochs = []
+    more = TrainConfig(**{**tc.__dict__, "self_critical_epochs": 3})
+    _, state = sc.fine_tune(_model(tokenizer, feats, seed=5), feats, refs, feats, refs, tokenizer, "en", more,
+                            tmp_path / "sc", progress=lambda e: "step" not in e and epochs.append(e["epoch"]))
+    assert epochs == [2, 3]
+    assert state["history"][:2] == first["history"]
+    assert json.loads((tmp_path / "sc" / sc.STATE_FILE).read_text())["epoch"] == 3

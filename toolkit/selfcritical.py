@@ -1,0 +1,192 @@
+"""Self-critical fine-tuning: after teacher forcing, train the decoder on CIDEr-D, the metric it is judged by.
+
+Teacher forcing trains each word given the reference's previous words; the
+captions a user gets are searched from the model's own words. Self-critical
+sequence training (Rennie et al. 2017) closes that gap: sample captions
+from the model, reward each with its CIDEr-D against its image's training
+references, and raise the log-probability of the samples that scored above a
+baseline, lower those below. The baseline here is the mean reward of the
+same image's other samples (Luo 2020, "A better variant of self-critical
+sequence training"), so no greedy caption is decoded per step.
+
+An epoch goes over every training image once, in batches of
+`TrainConfig.self_critical_batch` images with `self_critical_samples`
+captions each. After each epoch the dev photos are captioned greedily and
+scored by CIDEr-D (document frequencies of the dev references); the best
+weights are kept, epoch 0 (the teacher-forced model) included, so the
+fine-tuning never returns a decoder worse on dev than the one it was given.
+Checkpoints as in `toolkit.train`: a run stopped between epochs resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from toolkit import decoder as dec
+from toolkit.config import TrainConfig
+from toolkit.decoder import keras, tf
+from toolkit.evaluate import CiderD, bleu_tokenize
+from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+STATE_FILE = "self_critical.json"
+LAST_FILE = "self_critical_last.weights.h5"
+BEST_FILE = "self_critical_best.weights.h5"
+
+
+def reference_tokens(texts: dict[str, list[str]], names: Sequence[str], lang: str) -> list[list[list[str]]]:
+    """Each image's references as BLEU tokenizes them (words, or characters in Chinese), in `names` order."""
+    return [[bleu_tokenize(t, lang) for t in texts[n]] for n in names]
+
+
+def sampler(decoder, samples: int, max_length: int):
+    """A tf.function (features (n, ...), seed (2,) int32) -> ids (n * samples, T), sampled from the model.
+
+    Row i * samples + k is image i's k-th sample. Each row holds its tokens
+    up to and including EOS, then PAD; T is the longest sample (at most
+    `max_length`). Stateless: the same seed gives the same samples.
+    """
+
+    # Never PAD or BOS: no caption holds them, though an untrained model gives them some probability.
+    never = tf.constant(np.isin(np.arange(decoder.config.vocab_size), [PAD_ID, BOS_ID]))
+
+    @tf.function(input_signature=[decoder.feature_spec(), tf.TensorSpec([2], tf.int32)])
+    def sample(features, seed):
+        state = tuple(tf.repeat(s, samples, axis=0) for s in decoder.initial_state(features))
+        rows = tf.shape(features)[0] * samples
+        out = tf.TensorArray(tf.int32, size=max_length)
+
+        def body(t, state, tokens, finished, out):
+            logp, *state = decoder.step(tokens, *state)
+            logits = tf.where(never[None, :], -np.inf, tf.cast(logp, tf.float32))
+            tok = tf.cast(tf.random.stateless_categorical(logits, 1, seed + tf.stack([0, t]))[:, 0], tf.int32)
+            tok = tf.where(finished, PAD_ID, tok)
+            return t + 1, tuple(state), tok, finished | tf.equal(tok, EOS_ID), out.write(t, tok)
+
+        def cond(t, state, tokens, finished, out):
+            return (t < max_length) & ~tf.reduce_all(finished)
+
+        _, _, _, _, out = tf.while_loop(
+            cond, body, (tf.constant(0), state, tf.fill([rows], BOS_ID), tf.zeros([rows], tf.bool), out))
+        return tf.transpose(out.stack())
+
+    return sample
+
+
+def advantages(rewards: np.ndarray, samples: int) -> np.ndarray:
+    """Each sample's reward minus the mean of its image's other samples' (rows grouped by image, `samples` each).
+
+    >>> advantages(np.array([1.0, 3.0, 2.0, 2.0]), 2)
+    array([-2.,  2.,  0.,  0.])
+    """
+    r = rewards.reshape(-1, samples)
+    others = (r.sum(axis=1, keepdims=True) - r) / (samples - 1)
+    return (r - others).reshape(-1)
+
+
+def _teacher_inputs(ids: np.ndarray) -> np.ndarray:
+    """Decoder inputs that replay sampled `ids` (n, T): BOS, then each sampled token but the last."""
+    return np.concatenate([np.full((len(ids), 1), BOS_ID, np.int32), ids[:, :-1]], axis=1)
+
+
+def _texts(tokenizer, ids: np.ndarray) -> list[str]:
+    return tokenizer.decode([row[: int(np.argmax(row == EOS_ID)) if (row == EOS_ID).any() else len(row)].tolist()
+                             for row in ids])
+
+
+def fine_tune(
+    model,
+    train_features,
+    train_refs: list[list[list[str]]],
+    dev_features,
+    dev_refs: list[list[list[str]]],
+    tokenizer,
+    lang: str,
+    train_config: TrainConfig,
+    checkpoint_dir: Path,
+    progress: Callable[[dict], None] | None = None,
+):
+    """`model` fine-tuned by self-critical training for `train_config.self_critical_epochs`; returns (model, state).
+
+    `train_features` (n, ...) are what the decoder reads (pooled vectors or
+    grids), row i the image of `train_refs[i]`; the same for dev. The state
+    holds, per epoch, the mean CIDEr-D of the training samples and the dev
+    CIDEr-D of greedy captions, and the epoch whose weights were kept.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    cfg, tc = model.config, train_config
+    K, B = tc.self_critical_samples, tc.self_critical_batch
+    model.compile(optimizer=keras.optimizers.Adam(tc.self_critical_lr, clipnorm=tc.clipnorm or None))
+    model.optimizer.build(model.trainable_variables)
+    state_path = checkpoint_dir / STATE_FILE
+    reward = CiderD(train_refs)
+    dev_reward = CiderD(dev_refs)
+    dev_images = np.arange(len(dev_refs))
+
+    def dev_score() -> float:
+        from toolkit.generate import beam_search_tf
+
+        ids = beam_search_tf(model, dev_f, BOS_ID, EOS_ID, beam=1, max_length=cfg.max_length)
+        hyps = [bleu_tokenize(t, lang) for t in tokenizer.decode(ids)]
+        return float(dev_reward.score(hyps, dev_images).mean())
+
+    dev_f = np.asarray(dev_features[np.arange(len(dev_refs))], np.float32)
+    if state_path.exists() and (checkpoint_dir / LAST_FILE).exists():
+        state = json.loads(state_path.read_text())
+        model.load_weights(checkpoint_dir / LAST_FILE)
+    else:
+        start = dev_score()
+        state = {"epoch": 0, "best_epoch": 0, "best_dev_cider_d": start,
+                 "history": [{"epoch": 0, "dev_cider_d": start}]}
+        dec._save_weights(model, checkpoint_dir / BEST_FILE)
+    sample = sampler(model, K, cfg.max_length)
+
+    @tf.function(reduce_retracing=True)
+    def train_step(feats, inputs, targets, adv):
+        with tf.GradientTape() as tape:
+            logits = model((feats, inputs), training=True)
+            logp = tf.gather(tf.nn.log_softmax(tf.cast(logits, tf.float32)), targets, batch_dims=2)
+            mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
+            loss = -tf.reduce_sum(adv[:, None] * logp * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    n = len(train_refs)
+    for epoch in range(state["epoch"], tc.self_critical_epochs):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng((tc.seed, 104729, epoch))
+        order = rng.permutation(n)
+        rewards = []
+        for step, start in enumerate(range(0, n, B)):
+            images = np.sort(order[start:start + B])
+            feats = np.asarray(train_features[images], np.float32)
+            ids = sample(feats, tf.constant(rng.integers(0, 2**31 - 1, 2), tf.int32)).numpy()
+            hyps = [bleu_tokenize(t, lang) for t in _texts(tokenizer, ids)]
+            r = reward.score(hyps, np.repeat(images, K))
+            rewards.append(r.mean())
+            train_step(tf.repeat(feats, K, axis=0), _teacher_inputs(ids), ids,
+                       tf.constant(advantages(r, K) / 100.0, tf.float32))
+            if progress:
+                progress({"stage": "self_critical", "epoch": epoch + 1, "step": step + 1, "steps": -(-n // B),
+                          "reward": float(np.mean(rewards))})
+        score = dev_score()
+        state["history"].append({"epoch": epoch + 1, "reward": float(np.mean(rewards)), "dev_cider_d": score,
+                                 "seconds": time.perf_counter() - t0})
+        if score > state["best_dev_cider_d"]:
+            state.update(best_dev_cider_d=score, best_epoch=epoch + 1)
+            dec._save_weights(model, checkpoint_dir / BEST_FILE)
+        state["epoch"] = epoch + 1
+        dec._save_weights(model, checkpoint_dir / LAST_FILE)
+        from toolkit.pack import atomic_write_text
+
+        atomic_write_text(state_path, json.dumps(state, indent=1))
+        if progress:
+            progress(dict(state["history"][-1], stage="self_critical", best_epoch=state["best_epoch"]))
+    model.load_weights(checkpoint_dir / BEST_FILE)
+    return model, state
