@@ -228,3 +228,5 @@ def test_self_critical_epochs_fine_tune_after_the_teacher_forced_checkpoint(tiny
     assert done["best_epoch"] == max(done["history"], key=lambda h: h["dev_cider_d"])["epoch"]
     assert m["train"]["self_critical_epochs"] == 2
     assert result.manifest["stage_seconds"]["self-critical"] > 0
+    card = (result.pack_dir / "README.md").read_text()
+    assert "then 2 epochs of self-critical training" in card and f"({done['best_epoch']})" in card

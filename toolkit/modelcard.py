@@ -29,7 +29,8 @@ def write_model_card(folder: Path, m: dict) -> None:
         f"- {dc['architecture']} decoder: embeddings {dc['embed_dim']}, LSTM {dc['units']}, dropout {dc['dropout']}; "
         f"Adam from {tc['learning_rate']} ({tc['lr_schedule']}), gradient norm clipped at {tc['clipnorm'] or 'none'}, "
         f"label smoothing {tc['label_smoothing']}, batches of {tc['batch_size']}, seed {tc['seed']}",
-        f"- {t['epochs_run']} epochs (best {t['best_epoch']}, dev loss {t['best_dev_loss']:.3f}), {t['seconds']} s on {t['hardware']}", "",
+        f"- {t['epochs_run']} epochs (best {t['best_epoch']}, dev loss {t['best_dev_loss']:.3f}), {t['seconds']} s on {t['hardware']}",
+        *_self_critical_line(t, tc), "",
         "## Scores (corpus BLEU, 0-100; CIDEr-D x100)", "",
         "| split | system | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | CIDEr-D |", "|---|---|---|---|---|---|---|",
     ]
@@ -48,3 +49,13 @@ def write_model_card(folder: Path, m: dict) -> None:
               "- Scores are against references from the same source as the training captions.",
               ]
     atomic_write_text(folder / MODEL_CARD_FILE, "\n".join(lines) + "\n")
+
+
+def _self_critical_line(t: dict, tc: dict) -> list[str]:
+    sc = t.get("self_critical")
+    if not sc:
+        return []
+    by_epoch = {h["epoch"]: h["dev_cider_d"] for h in sc["history"]}
+    return [f"- then {sc['epoch']} epochs of self-critical training on CIDEr-D (Adam from {tc['self_critical_lr']}, "
+            f"{tc['self_critical_samples']} samples an image): dev CIDEr-D of greedy captions {by_epoch[0]:.1f} before, "
+            f"{by_epoch[sc['best_epoch']]:.1f} at the epoch kept ({sc['best_epoch']})"]
