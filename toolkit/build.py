@@ -384,7 +384,8 @@ def self_critical(lang: str, features: Features, train_texts: dict[str, list[str
 
     def progress(e):
         if "step" in e:
-            report("progress", stage="self-critical", done=e["step"], total=e["steps"], unit="batch")
+            report("progress", stage="self-critical", done=e["step"], total=e["steps"], unit="batch",
+                   reward=round(e["reward"], 1))  # the mean CIDEr-D of this epoch's samples so far
         else:
             report("self_critical_epoch", **e)
 

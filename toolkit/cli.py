@@ -63,7 +63,7 @@ class _Progress:
                                 unit_divisor=1024 if unit == "B" else 1000,
                                 file=sys.stderr, leave=False, dynamic_ncols=True)
             self.bar.update(f["done"] - self.bar.n)
-            counts = {k: f[k] for k in ("cached", "sent", "failed") if k in f}
+            counts = {k: f[k] for k in ("cached", "sent", "failed", "reward") if k in f}
             if counts:
                 self.bar.set_postfix(counts, refresh=False)
         elif kind == "epoch" and not self.quiet:
