@@ -230,3 +230,22 @@ def test_self_critical_epochs_fine_tune_after_the_teacher_forced_checkpoint(tiny
     assert result.manifest["stage_seconds"]["self-critical"] > 0
     card = (result.pack_dir / "README.md").read_text()
     assert "then 2 epochs of self-critical training" in card and f"({done['best_epoch']})" in card
+
+
+def test_self_critical_epochs_added_to_a_finished_build_reuse_its_installed_decoder(tiny_dataset, tmp_path):
+    """The checkpoints went when the pack was installed; its decoder is the teacher-forced result, so none is retrained."""
+    from toolkit.pipeline import Report
+
+    first = build_tiny_pack("en", tiny_dataset, tmp_path / "packs")
+    events = []
+    result = build_tiny_pack("en", tiny_dataset, tmp_path / "packs", train={"self_critical_epochs": 1},
+                             report=Report(lambda kind, **f: events.append(kind)))
+    assert "reused" in events and "epoch" not in events and events.count("self_critical_epoch") == 1
+    m = load_manifest(result.pack_dir)
+    assert m["training"]["epochs_run"] == first.manifest["training"]["epochs_run"]
+    assert m["training"]["run_key"] == first.manifest["training"]["run_key"]
+    # Now fine-tuned, the pack no longer holds teacher-forced weights: another change trains again.
+    events.clear()
+    build_tiny_pack("en", tiny_dataset, tmp_path / "packs", train={"self_critical_epochs": 2},
+                    report=Report(lambda kind, **f: events.append(kind)))
+    assert "reused" not in events and "epoch" in events

@@ -39,7 +39,7 @@ from toolkit.generate import beam_search_batched
 from toolkit.modelcard import write_model_card
 from toolkit.pack import (
     CAPTIONS_FILE, DECODER_WEIGHTS_FILE, FORMAT_VERSION, HISTORY_FILE, MANIFEST_FILE, PACK_FORMAT, REFERENCES_FILE,
-    TOKENIZER_FILE, atomic_write_text, file_sha256, install_dir, validate_manifest,
+    TOKENIZER_FILE, atomic_write_text, file_sha256, install_dir, load_manifest, validate_manifest, verify_files,
 )
 from toolkit.progress import Report
 
@@ -335,6 +335,7 @@ def train(lang: str, features: Features, texts: dict[str, list[str]], tokenizer,
           tr_cfg: TrainConfig, packs_dir: Path, report: Report | None = None) -> Trained:
     """The decoder, trained on the train split with early stopping on dev; resumes from its checkpoints."""
     from toolkit.decoder import Sequences, train_decoder
+    from toolkit.train import CHECKPOINT_STATE_FILE
 
     report = report or Report()
     present = features.present
@@ -352,11 +353,43 @@ def train(lang: str, features: Features, texts: dict[str, list[str]], tokenizer,
     dev_f, dev_s = sequences("dev")
     run_key = _run_key(lang, dec_cfg, tr_cfg, features.encoder.id, present["train"], _train_texts(texts, present["train"]))
     work = packs_dir / WORK_DIR / f"{lang}-{run_key}"
+    if tr_cfg.self_critical_epochs and not (work / CHECKPOINT_STATE_FILE).exists():
+        installed = _teacher_forced_from_pack(packs_dir / lang, run_key, tokenizer, dec_cfg, work)
+        if installed is not None:
+            report("reused", what=f"the installed {lang} pack's teacher-forced decoder (same data and settings)")
+            return installed
     t0 = time.perf_counter()
     model, state = train_decoder(train_f, train_s, dev_f, dev_s, dec_cfg, tr_cfg, work,
                                  progress=lambda e: report("epoch", **e))
     train_seconds = sum(h.get("seconds", 0) for h in state["history"]) or time.perf_counter() - t0
     return Trained(model, state, train_seconds, work, run_key)
+
+
+def _teacher_forced_from_pack(pack: Path, run_key: str, tokenizer, dec_cfg: DecoderConfig, work: Path) -> Trained | None:
+    """The installed pack's decoder as this build's teacher-forced result, where it is exactly that; else None.
+
+    Exactly: the pack was built with this run key (same data, encoder and
+    teacher-forcing settings), the same tokenizer, intact files, and no
+    self-critical epochs of its own (its weights would be the fine-tuned
+    ones). A build that adds `--self-critical-epochs` to a finished one then
+    trains no teacher-forced epoch again, though its checkpoints went when
+    the pack was installed. (Only such builds look: a plain rebuild still
+    trains afresh, as it always has.)
+    """
+    from toolkit.decoder import load_decoder
+
+    try:
+        m = load_manifest(pack)
+    except CapkitError:
+        return None
+    t = m.get("training", {})
+    if t.get("run_key") != run_key or "self_critical" in t or verify_files(pack, m):
+        return None
+    if (pack / TOKENIZER_FILE).read_bytes() != tokenizer.proto:
+        return None
+    state = {"epoch": t["epochs_run"], "best_epoch": t["best_epoch"], "best_val_loss": t["best_dev_loss"], "wait": 0,
+             "lr": None, "history": json.loads((pack / HISTORY_FILE).read_text())}
+    return Trained(load_decoder(dec_cfg, pack / DECODER_WEIGHTS_FILE), state, t["seconds"], work, run_key)
 
 
 def _decoder_features(features: Features, split: str):
@@ -500,6 +533,7 @@ def make_manifest(lang: str, pack_version: str, captions_path: Path, split_files
             "best_dev_loss": state["best_val_loss"],
             "seconds": round(trained.seconds, 1),
             "hardware": _hardware(),
+            "run_key": trained.run_key,  # what the teacher-forced weights depend on (`_teacher_forced_from_pack`)
             **({"self_critical": {k: state["self_critical"][k] for k in ("epoch", "best_epoch", "history")}}
                if "self_critical" in state else {}),
         },

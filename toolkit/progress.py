@@ -13,7 +13,8 @@ class Report:
     """How library code tells the caller what happens: `event(kind, **fields)`.
 
     Kinds: "stage" (name), "progress" (stage, done, total), "warning" (message),
-    "epoch" (epoch, loss, val_loss, ...). The CLI renders them; tests record them.
+    "epoch" (epoch, loss, val_loss, ...), "self_critical_epoch" (epoch, reward, dev_cider_d, ...), "reused"
+    (what: a finished result taken instead of computed again). The CLI renders them; tests record them.
     Each stage's wall time, from its event to the next one's (or `end_stage`),
     is kept in `stage_seconds`.
     """
