@@ -163,8 +163,8 @@ class CiderD:
     computed once, so scoring many captions of the same images (a reward
     during training) costs only the hypotheses' own n-grams.
 
-    >>> CiderD([[["a", "dog"]], [["a", "cat"]]]).score([["a", "dog"]], [0])
-    array([...])
+    >>> CiderD([[["a", "dog"]], [["a", "cat"]]]).score([["a", "dog"], ["a", "cat"]], [0, 0])
+    array([500.,   0.])
     """
 
     def __init__(self, references: list[list[list[str]]]):
