@@ -88,7 +88,8 @@ class TrainConfig:
                                 # each gained under 0.005 and bought no dev BLEU (docs/experiments.md)
     self_critical_epochs: int = 0  # after teacher forcing, epochs of self-critical training on CIDEr-D
                                 # (toolkit.selfcritical); 0 skips it. The best dev CIDEr-D epoch is kept, 0 included
-    self_critical_lr: float = 5e-5  # Adam's rate for those epochs (Rennie et al.'s)
+    self_critical_lr: float = 5e-4  # Adam's rate for those epochs; on the full Flickr8k split 5 epochs at 5e-4
+                                # bought +1.3 BLEU-4 over the teacher-forced decoder, at 2e-4 +0.5 (docs/experiments.md)
     self_critical_samples: int = 5  # captions sampled per image and step; each is judged against the others' mean
     self_critical_batch: int = 50   # images per self-critical step
     seed: int = 0               # shuffling and initialisation
@@ -120,7 +121,7 @@ ADDED_FIELDS = {
     "DecoderConfig": {"architecture": "lstm", "attention_reg": 1.0, "deep_output": False, "tokenizer": "unigram",
                       "attention_score": "additive"},
     "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0,
-                    "self_critical_epochs": 0, "self_critical_lr": 5e-5, "self_critical_samples": 5,
+                    "self_critical_epochs": 0, "self_critical_lr": 5e-4, "self_critical_samples": 5,
                     "self_critical_batch": 50},
 }
 
