@@ -31,6 +31,7 @@ from toolkit import decoder as dec
 from toolkit.config import TrainConfig
 from toolkit.decoder import keras, tf
 from toolkit.evaluate import CiderD, bleu_tokenize
+from toolkit.pack import atomic_write_text
 from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 STATE_FILE = "self_critical.json"
@@ -93,9 +94,9 @@ def _teacher_inputs(ids: np.ndarray) -> np.ndarray:
     return np.concatenate([np.full((len(ids), 1), BOS_ID, np.int32), ids[:, :-1]], axis=1)
 
 
-def _texts(tokenizer, ids: np.ndarray) -> list[str]:
-    return tokenizer.decode([row[: int(np.argmax(row == EOS_ID)) if (row == EOS_ID).any() else len(row)].tolist()
-                             for row in ids])
+def _hypotheses(tokenizer, ids, lang: str) -> list[list[str]]:
+    """Sampled or searched ids (EOS and PAD dropped by `decode`) as the tokens CIDEr-D scores."""
+    return [bleu_tokenize(t, lang) for t in tokenizer.decode(ids)]
 
 
 def fine_tune(
@@ -132,8 +133,7 @@ def fine_tune(
         from toolkit.generate import beam_search_tf
 
         ids = beam_search_tf(model, dev_f, BOS_ID, EOS_ID, beam=1, max_length=cfg.max_length)
-        hyps = [bleu_tokenize(t, lang) for t in tokenizer.decode(ids)]
-        return float(dev_reward.score(hyps, dev_images).mean())
+        return float(dev_reward.score(_hypotheses(tokenizer, ids, lang), dev_images).mean())
 
     dev_f = np.asarray(dev_features[np.arange(len(dev_refs))], np.float32)
     if state_path.exists() and (checkpoint_dir / LAST_FILE).exists():
@@ -167,8 +167,7 @@ def fine_tune(
             images = np.sort(order[start:start + B])
             feats = np.asarray(train_features[images], np.float32)
             ids = sample(feats, tf.constant(rng.integers(0, 2**31 - 1, 2), tf.int32)).numpy()
-            hyps = [bleu_tokenize(t, lang) for t in _texts(tokenizer, ids)]
-            r = reward.score(hyps, np.repeat(images, K))
+            r = reward.score(_hypotheses(tokenizer, ids.tolist(), lang), np.repeat(images, K))
             rewards.append(r.mean())
             train_step(tf.repeat(feats, K, axis=0), _teacher_inputs(ids), ids,
                        tf.constant(advantages(r, K) / 100.0, tf.float32))
@@ -183,8 +182,6 @@ def fine_tune(
             dec._save_weights(model, checkpoint_dir / BEST_FILE)
         state["epoch"] = epoch + 1
         dec._save_weights(model, checkpoint_dir / LAST_FILE)
-        from toolkit.pack import atomic_write_text
-
         atomic_write_text(state_path, json.dumps(state, indent=1))
         if progress:
             progress(dict(state["history"][-1], stage="self_critical", best_epoch=state["best_epoch"]))
