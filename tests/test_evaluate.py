@@ -11,6 +11,7 @@ from nltk.translate.bleu_score import corpus_bleu
 from toolkit.errors import CapkitError
 from toolkit.evaluate import (
     CHAR_LANGS,
+    SCORING_VERSION,
     BleuResult,
     bleu_tokenize,
     corpus_bleu_scores,
@@ -41,6 +42,10 @@ from toolkit.evaluate import (
         ("...!?", "en", []),
         ("。！、", "zh", []),
         ("", "ja", []),
+        # Invisible separators (a real Flickr8k-CN reference): not tokens, and no n-gram is broken by them.
+        ("两个人爬\u200b\u200b上雪山。", "zh", ["两", "个", "人", "爬", "上", "雪", "山"]),
+        ("a\u200bdog\u2060s \ufeffball", "en", ["a", "dogs", "ball"]),
+        ("می\u200cخواهم", "fa", ["می\u200cخواهم"]),  # ZWNJ is part of the Persian word
     ],
 )
 def test_bleu_tokenize(text, lang, tokens):
@@ -344,7 +349,7 @@ def test_format_table_marks_baselines_and_lists_signatures():
     sigs = [ln for ln in lines if ln.startswith("signature: ")]
     assert sigs == [f"signature: {pack.signature}", f"signature: {zh.signature}"]
     assert "pack:1.0.0" in pack.signature and "pack:none" in zh.signature
-    assert "capkit-bleu:2" in pack.signature and "cider-d:sigma6" in pack.signature
+    assert f"capkit-bleu:{SCORING_VERSION}" in pack.signature and "cider-d:sigma6" in pack.signature
 
 
 def test_format_table_shows_a_dash_for_scores_from_before_cider_d():

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from toolkit.errors import CapkitError
+from toolkit.evaluate import SCORING_VERSION
 from toolkit.report import (
     ATTENTION_SIZE,
     ReportData,
@@ -474,7 +475,7 @@ def test_evaluate_cli_json_has_every_score_baseline_and_interval(tiny_packs, tin
             assert system["bleu4_nobp"] >= system["bleu4"] - 1e-9 and not math.isnan(system["bleu1"])
         assert r["tokenization"] == ("chars" if r["lang"] == "zh" else "words")
         assert "smooth:none" in r["signature"] and "nltk:" in r["signature"] and "pack:1.0.0" in r["signature"]
-        assert "capkit-bleu:2" in r["signature"] and "cider-d:sigma6" in r["signature"]
+        assert f"capkit-bleu:{SCORING_VERSION}" in r["signature"] and "cider-d:sigma6" in r["signature"]
     table = CliRunner().invoke(app, common)
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
@@ -499,7 +500,7 @@ def test_a_pack_scored_before_cider_d_still_lists_and_evaluates(tiny_packs, tiny
     for systems in m["scores"].values():
         for r in systems.values():
             r.pop("cider_d")
-            r["signature"] = r["signature"].replace("capkit-bleu:2", "capkit-bleu:1")
+            r["signature"] = r["signature"].replace(f"capkit-bleu:{SCORING_VERSION}", "capkit-bleu:1")
     path.write_text(json.dumps(m, indent=2), encoding="utf-8")
     listing = CliRunner().invoke(app, ["packs", "list", "--packs-dir", str(packs)])
     assert listing.exit_code == 0, listing.output
@@ -510,4 +511,4 @@ def test_a_pack_scored_before_cider_d_still_lists_and_evaluates(tiny_packs, tiny
     res = CliRunner().invoke(app, ["evaluate", "--lang", "en", "--images", str(tiny_dataset["images"]),
                                    "--split", str(tiny_dataset["test"]), "--packs-dir", str(packs), "--beam", "2"])
     assert res.exit_code == 0, res.output
-    assert "capkit-bleu:2" in res.stdout  # scored afresh, with CIDEr-D
+    assert f"capkit-bleu:{SCORING_VERSION}" in res.stdout  # scored afresh, with CIDEr-D

@@ -59,6 +59,12 @@ def test_attaching_punctuation_keeps_case_and_an_unpaired_quote():
     assert attach_punctuation("the Eiffel tower .", "en") == "the Eiffel tower."
 
 
+def test_zero_width_spaces_are_not_learned():
+    # 209 Google Flickr8k-CN captions hold U+200B pairs inside words; SentencePiece would read each as a space.
+    assert attach_punctuation("两个人爬\u200b\u200b上雪山。", "zh") == "两个人爬上雪山。"
+    assert attach_punctuation("a\u200bdog .", "en") == "a dog."
+
+
 def test_training_form_lowers_the_first_word_only_where_captions_write_it_lower():
     train = ["A dog runs in Paris .", "Paris at night .", "Two dogs and a cat .", "Ein Hund auf dem Rasen .",
              "Der Hund läuft ."]

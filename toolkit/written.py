@@ -24,7 +24,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
-from toolkit.evaluate import base_lang
+from toolkit.evaluate import INVISIBLE, base_lang
 
 # Scripts of these are written without spaces between words: no space between two of their characters.
 _UNSPACED = frozenset({"zh", "ja", "yue"})
@@ -49,7 +49,7 @@ def attach_punctuation(text: str, lang: str) -> str:
     'a sign that says "stop." (# 7)'
     """
     lang = base_lang(lang)
-    text = " ".join(text.split())
+    text = " ".join(text.translate(INVISIBLE).split())  # zero-width spaces too, as BLEU reads them
     if lang == "fr":
         text = _FRENCH_SPACED.sub(NNBSP + r"\1", _SPACE_BEFORE_FRENCH_STOP.sub(r"\1", text))
     else:
