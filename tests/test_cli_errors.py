@@ -286,6 +286,24 @@ def test_script_exit_code_and_stderr(tmp_path):
 TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} ", re.M)  # absl's prefix: level, month, day
 
 
+RETRACING = """
+from toolkit.backend import import_tensorflow
+tf = import_tensorflow()
+f = tf.function(lambda x: x * 2)
+for n in range(1, 9):  # a new shape each call: TensorFlow warns of retracing from the sixth trace
+    f(tf.zeros([n]))
+"""
+
+
+def test_tensorflow_python_warnings_are_silenced_unless_asked_for():
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CAPKIT_TF_VERBOSE")}
+    quiet = subprocess.run([sys.executable, "-c", RETRACING], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    loud = subprocess.run([sys.executable, "-c", RETRACING], cwd=REPO, env={**env, "CAPKIT_TF_VERBOSE": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "retracing" in loud.stderr and "retracing" not in quiet.stderr, quiet.stderr
+
+
 def test_training_and_captioning_print_no_tensorflow_log_lines(tiny_dataset, tmp_path):
     """Run as a user would (no TF_CPP_MIN_LOG_LEVEL): only capkit's own lines; CAPKIT_TF_VERBOSE=1 shows TF's."""
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CAPKIT_TF_VERBOSE")}

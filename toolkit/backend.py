@@ -6,7 +6,8 @@ own log level applies. Users of a CLI should see their results, not that:
 stderr is pointed at /dev/null during those two moments only, and
 TensorFlow's C++ log is limited to fatal messages (TF_CPP_MIN_LOG_LEVEL=3
 unless set), since its first training step logs a harmless fallback as an
-error. Set CAPKIT_TF_VERBOSE=1 to see everything.
+error, and its Python logger to errors (it warns of tf.function retracing).
+Set CAPKIT_TF_VERBOSE=1 to see everything.
 
 Where TF_CONFIG describes a cluster, the eager context is left for later:
 MultiWorkerMirroredStrategy must configure it before it exists
@@ -38,6 +39,9 @@ def import_tensorflow():
         import keras  # noqa: F401
         import tensorflow as tf
 
+        # Its Python logger too: "triggered tf.function retracing" (a self-critical epoch's new weights) is advice
+        # for TensorFlow's developers, not for capkit's users.
+        tf.get_logger().setLevel("ERROR")
         tf.config.list_physical_devices()
         if not os.environ.get("TF_CONFIG"):  # a multi-worker strategy must set up the context itself
             tf.constant(0)  # creates the eager context, which probes CUDA a second time
