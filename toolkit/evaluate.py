@@ -53,8 +53,8 @@ SCORE_NAMES = tuple(f"bleu{n}" for n in range(1, MAX_ORDER + 1)) + tuple(
 ) + ("cider_d",)
 # Bumped whenever tokenization or aggregation rules change, so old and new
 # numbers are never silently compared. 2: CIDEr-D beside BLEU. 3: invisible
-# separators dropped (25 of the Google Chinese dev references hold U+200B pairs
-# inside words, each scored as two tokens before).
+# separators are not tokens (25 of the Google Chinese dev references hold U+200B
+# pairs inside words, each U+200B a token before).
 SCORING_VERSION = 3
 CIDER_SIGMA = 6.0  # width of CIDEr-D's Gaussian length penalty, in tokens (coco-caption's)
 # Inside char-scored text these scripts are written as words (brand names,
