@@ -109,7 +109,8 @@ def stage_train(args) -> dict:
         t = time.perf_counter()
         r = build_pack("en", args.data / "Flickr8k.token.txt", args.data / "Images", find_split_files(args.data), packs,
                        encoder_config=_encoder_config(args),
-                       train_config=TrainConfig(epochs=args.epochs, patience=args.epochs + 1), beam=3)
+                       train_config=TrainConfig(epochs=args.epochs, patience=args.epochs + 1, self_critical_epochs=0),
+                       beam=3)  # teacher-forced epochs only: what the tutorial trains too
         total = time.perf_counter() - t
         history = json.loads((r.pack_dir / "history.json").read_text())
     m = r.manifest

@@ -57,7 +57,7 @@ def build_tiny_packs(root: Path, image_size: int, langs=("en", "zh")) -> Path:
         build_pack(lang, data[f"captions_{lang}"], data["images"], {k: data[k] for k in ("train", "dev", "test")}, packs,
                    source_lang=lang, encoder_config=EncoderConfig(weights="none", image_size=image_size, batch_size=16),
                    decoder_config=DecoderConfig(vocab_size=60, units=32, embed_dim=16, dropout=0.1, max_length=16),
-                   train_config=TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2, patience=2))
+                   train_config=TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2, patience=2, self_critical_epochs=0))
     return packs
 
 

@@ -29,7 +29,7 @@ def shared_data() -> Path:
 
 TINY_ENCODER = dict(weights="none", image_size=71, batch_size=16, workers=2)
 TINY_DECODER = dict(vocab_size=60, units=32, embed_dim=16, dropout=0.1, max_length=16)
-TINY_TRAIN = dict(epochs=3, batch_size=32, learning_rate=1e-2, patience=2)
+TINY_TRAIN = dict(epochs=3, batch_size=32, learning_rate=1e-2, patience=2, self_critical_epochs=0)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TINY_DECODER, TINY_ENCODER, TINY_TRAIN
 from toolkit import build
-from toolkit.config import DecoderConfig, EncoderConfig, SearchConfig, TrainConfig
+from toolkit.config import SELF_CRITICAL_EPOCHS, DecoderConfig, EncoderConfig, SearchConfig, TrainConfig
 from toolkit.errors import CapkitError
 from toolkit.pack import MANIFEST_FILE, PACK_FILES, load_manifest, load_pack, verify_files
 from toolkit.progress import Report
@@ -55,6 +55,21 @@ def test_check_settings_refuses_before_any_work_and_names_the_tokenizer():
         build.check_settings("en", DecoderConfig(architecture="transformer"), TrainConfig())
     with pytest.raises(CapkitError):
         build.check_settings("en", DecoderConfig(), TrainConfig(strategy="multiworker"))
+
+
+def test_self_critical_epochs_default_to_five_on_one_device_and_none_when_distributed(monkeypatch):
+    """Left unset, a one-device build fine-tunes on CIDEr-D; a distributed one cannot, so it skips it rather than fail."""
+    import toolkit.train
+
+    monkeypatch.setattr(toolkit.train, "distribution_strategy", lambda name: name)  # no MirroredStrategy in this process
+    one, mirrored = TrainConfig(), TrainConfig(strategy="mirrored")
+    assert one.self_critical_epochs is None
+    build.check_settings("en", DecoderConfig(), one)
+    assert one.self_critical_epochs == SELF_CRITICAL_EPOCHS == 5
+    build.check_settings("en", DecoderConfig(), mirrored)
+    assert mirrored.self_critical_epochs == 0
+    with pytest.raises(CapkitError, match="one device only"):  # asked for by name, it is still refused
+        build.check_settings("en", DecoderConfig(), TrainConfig(strategy="mirrored", self_critical_epochs=2))
 
 
 def test_read_finds_the_split_images_on_disk(run, tiny_dataset, tmp_path):

@@ -76,7 +76,7 @@ def error_cases(tmp: Path, data: dict, packs: Path) -> dict:
 
     def build(captions=data["captions_en"], images=data["images"], packs_dir=tmp / "packs"):
         return ["build-pack", "en", "--captions", captions, "--images", images, *splits, "--packs-dir", packs_dir,
-                "--source-lang", "en", "--encoder-weights", "none", "--image-size", "71"]
+                "--source-lang", "en", "--encoder-weights", "none", "--image-size", "71", "--self-critical-epochs", "0"]
 
     caption = ["caption", data["images"], "--packs-dir", packs]
     return {
@@ -310,7 +310,7 @@ def test_training_and_captioning_print_no_tensorflow_log_lines(tiny_dataset, tmp
     d, packs = tiny_dataset, tmp_path / "packs"
     build = ["build-pack", "en", "--captions", d["captions_en"], "--images", d["images"], "--train-split", d["train"],
              "--dev-split", d["dev"], "--encoder-weights", "none", "--image-size", "71", "--epochs", "1",
-             "--packs-dir", packs]
+             "--self-critical-epochs", "1", "--packs-dir", packs]
     for args in (build, ["caption", d["images"], "--lang", "en", "--packs-dir", packs]):
         p = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ from toolkit.errors import CapkitError
 from toolkit.layout import OFFICIAL_SPLITS_DIR, SPLITS_DIR, find_data, official_splits, plan_data
 
 SMALL = ["--encoder-weights", "none", "--image-size", "71", "--epochs", "1", "--units", "16", "--embed-dim", "8",
-         "--vocab-size", "60", "--beam", "1", "--batch-size", "32"]
+         "--vocab-size", "60", "--beam", "1", "--batch-size", "32", "--self-critical-epochs", "0"]
 
 
 # -- generated downloads -----------------------------------------------------------

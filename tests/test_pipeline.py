@@ -157,6 +157,9 @@ def test_translated_build_writes_a_quality_report_beside_the_cache(tiny_dataset,
                      encoder_config=EncoderConfig(**TINY_ENCODER), decoder_config=DecoderConfig(**TINY_DECODER),
                      train_config=TrainConfig(epochs=1))
     assert res.manifest["data"]["translator"].startswith("file:")
+    # Left at its default, the build fine-tunes on CIDEr-D after teacher forcing, and the manifest says how long.
+    assert res.manifest["train"]["self_critical_epochs"] == 5 and res.manifest["stage_seconds"]["self-critical"] > 0
+    assert [h["epoch"] for h in res.manifest["training"]["self_critical"]["history"]] == [0, 1, 2, 3, 4, 5]  # 0: before
     report = tmp_path / ".cache" / "zh-file-captions.zh.txt.quality.json"
     assert _json.loads(report.read_text())
     # The pack's captions are the Chinese ones, aligned by id.

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import __version__
-from toolkit.config import ADDED_FIELDS, SEARCH, DecoderConfig, EncoderConfig, SearchConfig, TrainConfig, resolve_tokenizer
+from toolkit.config import (ADDED_FIELDS, SEARCH, SELF_CRITICAL_EPOCHS, DecoderConfig, EncoderConfig, SearchConfig,
+                            TrainConfig, resolve_tokenizer)
 from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
 from toolkit.errors import CapkitError
 from toolkit.generate import beam_search_batched
@@ -109,7 +110,7 @@ def build_pack(
     """
     report = report or Report()
     dec_cfg = replace(decoder_config) if decoder_config else DecoderConfig()  # a copy: the build fills in fields
-    tr_cfg = train_config or TrainConfig()
+    tr_cfg = replace(train_config) if train_config else TrainConfig()  # a copy: check_settings resolves a field
     strategy = check_settings(lang, dec_cfg, tr_cfg)
     from toolkit.train import barrier, is_chief
 
@@ -155,14 +156,18 @@ def build_pack(
 
 
 def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig):
-    """Fail now, not after the translation, on settings no stage can run; name the tokenizer model `dec_cfg` means.
+    """Fail now, not after the translation, on settings no stage can run; resolve what `dec_cfg` and `tr_cfg` leave open.
 
-    Returns the `tf.distribute` strategy `tr_cfg.strategy` names.
+    The tokenizer model `dec_cfg` means is named, and self-critical epochs left
+    at None become SELF_CRITICAL_EPOCHS on one device, 0 under a distributed
+    strategy. Returns the `tf.distribute` strategy `tr_cfg.strategy` names.
     """
     from toolkit.decoder import decoder_class
     from toolkit.train import distribution_strategy
 
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
+    if tr_cfg.self_critical_epochs is None:
+        tr_cfg.self_critical_epochs = SELF_CRITICAL_EPOCHS if tr_cfg.strategy == "default" else 0
     if tr_cfg.self_critical_epochs and tr_cfg.strategy != "default":
         raise CapkitError("self-critical training runs on one device only",
                           hint="drop --self-critical-epochs, or train with --strategy default")

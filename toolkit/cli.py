@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from toolkit.config import SEARCH, DecoderConfig, TrainConfig
+from toolkit.config import SEARCH, SELF_CRITICAL_EPOCHS, DecoderConfig, TrainConfig
 from toolkit.errors import CapkitError
 
 app = typer.Typer(
@@ -200,9 +200,10 @@ def build_pack(
     patience: int = typer.Option(TrainConfig.patience, "--patience", help="Epochs without dev improvement before stopping."),
     min_delta: float = typer.Option(TrainConfig.min_delta, "--min-delta",
                                     help="Smallest dev-loss fall that counts as an improvement."),
-    self_critical_epochs: int = typer.Option(TrainConfig.self_critical_epochs, "--self-critical-epochs",
-                                             help="After teacher forcing, epochs of self-critical training on CIDEr-D "
-                                             "(the best dev epoch is kept); 0 skips it."),
+    self_critical_epochs: Optional[int] = typer.Option(
+        None, "--self-critical-epochs", show_default=False,
+        help=f"After teacher forcing, epochs of self-critical training on CIDEr-D (the best dev epoch is kept); "
+             f"0 skips it. [default: {SELF_CRITICAL_EPOCHS} with --strategy default, else 0]"),
     self_critical_lr: float = typer.Option(TrainConfig.self_critical_lr, "--self-critical-lr",
                                            help="Adam's rate for the self-critical epochs."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
@@ -228,7 +229,7 @@ def build_pack(
     search = _search_options(beam, length_penalty, no_repeat_ngram)
     for flag, value, low in (("--image-size", 71 if image_size is None else image_size, 71), ("--units", units, 1),
                              ("--embed-dim", embed_dim, 1), ("--batch-size", batch_size, 1), ("--patience", patience, 0),
-                             ("--self-critical-epochs", self_critical_epochs, 0)):
+                             ("--self-critical-epochs", self_critical_epochs or 0, 0)):
         _at_least(flag, value, low)
     if not 0 <= dropout < 1:
         raise CapkitError(f"--dropout must be in [0, 1), not {dropout}")
