@@ -203,7 +203,7 @@ def build_pack(
     self_critical_epochs: Optional[int] = typer.Option(
         None, "--self-critical-epochs", show_default=False,
         help=f"After teacher forcing, epochs of self-critical training on CIDEr-D (the best dev epoch is kept); "
-             f"0 skips it. [default: {SELF_CRITICAL_EPOCHS} with --strategy default, else 0]"),
+             f"0 skips it. Default: {SELF_CRITICAL_EPOCHS} with --strategy default, else 0."),
     self_critical_lr: float = typer.Option(TrainConfig.self_critical_lr, "--self-critical-lr",
                                            help="Adam's rate for the self-critical epochs."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
