@@ -57,7 +57,7 @@ def test_check_settings_refuses_before_any_work_and_names_the_tokenizer():
         build.check_settings("en", DecoderConfig(), TrainConfig(strategy="multiworker"))
 
 
-def test_self_critical_epochs_default_to_five_on_one_device_and_none_when_distributed(monkeypatch):
+def test_self_critical_epochs_default_to_five_on_one_device_and_zero_when_distributed(monkeypatch):
     """Left unset, a one-device build fine-tunes on CIDEr-D; a distributed one cannot, so it skips it rather than fail."""
     import toolkit.train
 
