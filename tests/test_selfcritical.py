@@ -125,3 +125,20 @@ def test_a_stopped_fine_tuning_resumes_at_its_next_epoch(tokenizer, tmp_path):
     assert epochs == [2, 3]
     assert state["history"][:2] == first["history"]
     assert json.loads((tmp_path / "sc" / sc.STATE_FILE).read_text())["epoch"] == 3
+
+
+def test_a_cosine_schedule_decays_the_rate_to_zero_over_every_epoch_and_survives_a_resume(tokenizer, tmp_path):
+    feats, refs = _task(6)
+    tc = TrainConfig(self_critical_epochs=1, self_critical_lr=1e-2, self_critical_samples=3, self_critical_batch=8,
+                     self_critical_lr_schedule="cosine")
+    steps = -(-len(refs) // 8)
+    assert [sc.learning_rate(tc, s, 2 * steps) for s in (0, steps, 2 * steps)] == pytest.approx([1e-2, 5e-3, 0.0])
+    _, first = sc.fine_tune(_model(tokenizer, feats), feats, refs, feats, refs, tokenizer, "en",
+                            TrainConfig(**{**tc.__dict__, "self_critical_epochs": 2}), tmp_path / "whole")
+    # The optimizer's rate at each epoch's end is the schedule's over both epochs, also when the second is resumed.
+    assert [h["lr"] for h in first["history"][1:]] == pytest.approx(
+        [sc.learning_rate(tc, s, 2 * steps) for s in (steps - 1, 2 * steps - 1)])
+    sc.fine_tune(_model(tokenizer, feats), feats, refs, feats, refs, tokenizer, "en", tc, tmp_path / "split")
+    _, resumed = sc.fine_tune(_model(tokenizer, feats), feats, refs, feats, refs, tokenizer, "en",
+                              TrainConfig(**{**tc.__dict__, "self_critical_epochs": 2}), tmp_path / "split")
+    assert resumed["history"][-1]["lr"] == pytest.approx(first["history"][-1]["lr"], rel=1e-6)

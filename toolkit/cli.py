@@ -206,6 +206,9 @@ def build_pack(
              f"0 skips it. Default: {SELF_CRITICAL_EPOCHS} with --strategy default, else 0."),
     self_critical_lr: float = typer.Option(TrainConfig.self_critical_lr, "--self-critical-lr",
                                            help="Adam's rate for the self-critical epochs."),
+    self_critical_lr_schedule: str = typer.Option(
+        TrainConfig.self_critical_lr_schedule, "--self-critical-lr-schedule",
+        help="constant, or cosine: from --self-critical-lr down to 0 over the self-critical epochs."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
     length_penalty: float = LengthPenaltyOption(),
     no_repeat_ngram: int = NoRepeatOption(),
@@ -216,7 +219,8 @@ def build_pack(
                                       "(every machine of the TF_CONFIG cluster; run the same command on each)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
-    from toolkit.config import ATTENTION_SCORES, DECODER_ARCHITECTURES, LR_SCHEDULES, TOKENIZER_MODELS
+    from toolkit.config import (ATTENTION_SCORES, DECODER_ARCHITECTURES, LR_SCHEDULES, SELF_CRITICAL_LR_SCHEDULES,
+                                TOKENIZER_MODELS)
 
     _check_lang(lang)
     if decoder not in DECODER_ARCHITECTURES:
@@ -237,6 +241,9 @@ def build_pack(
         raise CapkitError(f"--learning-rate must be positive, not {learning_rate}")
     if not self_critical_lr > 0:
         raise CapkitError(f"--self-critical-lr must be positive, not {self_critical_lr}")
+    if self_critical_lr_schedule not in SELF_CRITICAL_LR_SCHEDULES:
+        raise CapkitError(f"--self-critical-lr-schedule must be one of {', '.join(SELF_CRITICAL_LR_SCHEDULES)}, "
+                          f"not {self_critical_lr_schedule!r}")
     if lr_schedule not in LR_SCHEDULES:
         raise CapkitError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
     if not clipnorm >= 0:
@@ -282,7 +289,8 @@ def build_pack(
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy,
-                                 self_critical_epochs=self_critical_epochs, self_critical_lr=self_critical_lr),
+                                 self_critical_epochs=self_critical_epochs, self_critical_lr=self_critical_lr,
+                                 self_critical_lr_schedule=self_critical_lr_schedule),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
     if not result.chief:

@@ -89,6 +89,18 @@ def advantages(rewards: np.ndarray, samples: int) -> np.ndarray:
     return (r - others).reshape(-1)
 
 
+def learning_rate(train_config: TrainConfig, step: int, total: int) -> float:
+    """Adam's rate at self-critical step `step` of `total`: constant, or cosine from `self_critical_lr` to 0.
+
+    >>> [round(learning_rate(TrainConfig(self_critical_lr_schedule="cosine"), s, 4) * 1e4, 3) for s in range(4)]
+    [5.0, 4.268, 2.5, 0.732]
+    """
+    base = train_config.self_critical_lr
+    if train_config.self_critical_lr_schedule == "cosine":
+        return float(base * 0.5 * (1 + np.cos(np.pi * step / max(total, 1))))
+    return float(base)
+
+
 def _teacher_inputs(ids: np.ndarray) -> np.ndarray:
     """Decoder inputs that replay sampled `ids` (n, T): BOS, then each sampled token but the last."""
     return np.concatenate([np.full((len(ids), 1), BOS_ID, np.int32), ids[:, :-1]], axis=1)
@@ -158,12 +170,14 @@ def fine_tune(
         return loss
 
     n = len(train_refs)
+    steps = -(-n // B)
     for epoch in range(state["epoch"], tc.self_critical_epochs):
         t0 = time.perf_counter()
         rng = np.random.default_rng((tc.seed, 104729, epoch))
         order = rng.permutation(n)
         rewards = []
         for step, start in enumerate(range(0, n, B)):
+            model.optimizer.learning_rate.assign(learning_rate(tc, epoch * steps + step, tc.self_critical_epochs * steps))
             images = np.sort(order[start:start + B])
             feats = np.asarray(train_features[images], np.float32)
             ids = sample(feats, tf.constant(rng.integers(0, 2**31 - 1, 2), tf.int32)).numpy()
@@ -172,11 +186,11 @@ def fine_tune(
             train_step(tf.repeat(feats, K, axis=0), _teacher_inputs(ids), ids,
                        tf.constant(advantages(r, K) / 100.0, tf.float32))
             if progress:
-                progress({"stage": "self_critical", "epoch": epoch + 1, "step": step + 1, "steps": -(-n // B),
+                progress({"stage": "self_critical", "epoch": epoch + 1, "step": step + 1, "steps": steps,
                           "reward": float(np.mean(rewards))})
         score = dev_score()
         state["history"].append({"epoch": epoch + 1, "reward": float(np.mean(rewards)), "dev_cider_d": score,
-                                 "seconds": time.perf_counter() - t0})
+                                 "lr": float(model.optimizer.learning_rate.numpy()), "seconds": time.perf_counter() - t0})
         if score > state["best_dev_cider_d"]:
             state.update(best_dev_cider_d=score, best_epoch=epoch + 1)
             dec._save_weights(model, checkpoint_dir / BEST_FILE)
