@@ -11,7 +11,8 @@ sequence training"), so no greedy caption is decoded per step.
 
 An epoch goes over every training image once, in batches of
 `TrainConfig.self_critical_batch` images with `self_critical_samples`
-captions each. After each epoch the dev photos are captioned greedily and
+captions each, at Adam's `self_critical_lr` (constant, or falling to 0 by
+a cosine over every step of every epoch: `self_critical_lr_schedule`). After each epoch the dev photos are captioned greedily and
 scored by CIDEr-D (document frequencies of the dev references); the best
 weights are kept, epoch 0 (the teacher-forced model) included, so the
 fine-tuning never returns a decoder worse on dev than the one it was given.
