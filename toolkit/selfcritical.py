@@ -12,10 +12,11 @@ sequence training"), so no greedy caption is decoded per step.
 An epoch goes over every training image once, in batches of
 `TrainConfig.self_critical_batch` images with `self_critical_samples`
 captions each, at Adam's `self_critical_lr` (constant, or falling to 0 by
-a cosine over every step of every epoch: `self_critical_lr_schedule`). After each epoch the dev photos are captioned greedily and
-scored by CIDEr-D (document frequencies of the dev references); the best
-weights are kept, epoch 0 (the teacher-forced model) included, so the
-fine-tuning never returns a decoder worse on dev than the one it was given.
+a cosine over every step of every epoch: `self_critical_lr_schedule`).
+After each epoch the dev photos are captioned greedily and scored by
+CIDEr-D (document frequencies of the dev references); the best weights are
+kept, epoch 0 (the teacher-forced model) included, so the fine-tuning
+never returns a decoder worse on dev than the one it was given.
 Checkpoints as in `toolkit.train`: a run stopped between epochs resumes.
 """
 
@@ -34,6 +35,7 @@ from toolkit.decoder import keras, tf
 from toolkit.evaluate import CiderD, bleu_tokenize
 from toolkit.pack import atomic_write_text
 from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from toolkit.train import cosine_rate
 
 STATE_FILE = "self_critical.json"
 LAST_FILE = "self_critical_last.weights.h5"
@@ -96,10 +98,9 @@ def learning_rate(train_config: TrainConfig, step: int, total: int) -> float:
     >>> [round(learning_rate(TrainConfig(self_critical_lr_schedule="cosine"), s, 4) * 1e4, 3) for s in range(4)]
     [5.0, 4.268, 2.5, 0.732]
     """
-    base = train_config.self_critical_lr
     if train_config.self_critical_lr_schedule == "cosine":
-        return float(base * 0.5 * (1 + np.cos(np.pi * step / max(total, 1))))
-    return float(base)
+        return cosine_rate(train_config.self_critical_lr, step, total)
+    return float(train_config.self_critical_lr)
 
 
 def _teacher_inputs(ids: np.ndarray) -> np.ndarray:
@@ -178,7 +179,8 @@ def fine_tune(
         order = rng.permutation(n)
         rewards = []
         for step, start in enumerate(range(0, n, B)):
-            model.optimizer.learning_rate.assign(learning_rate(tc, epoch * steps + step, tc.self_critical_epochs * steps))
+            model.optimizer.learning_rate.assign(
+                learning_rate(tc, epoch * steps + step, tc.self_critical_epochs * steps))
             images = np.sort(order[start:start + B])
             feats = np.asarray(train_features[images], np.float32)
             ids = sample(feats, tf.constant(rng.integers(0, 2**31 - 1, 2), tf.int32)).numpy()
@@ -191,7 +193,8 @@ def fine_tune(
                           "reward": float(np.mean(rewards))})
         score = dev_score()
         state["history"].append({"epoch": epoch + 1, "reward": float(np.mean(rewards)), "dev_cider_d": score,
-                                 "lr": float(model.optimizer.learning_rate.numpy()), "seconds": time.perf_counter() - t0})
+                                 "lr": float(model.optimizer.learning_rate.numpy()),
+                                 "seconds": time.perf_counter() - t0})
         if score > state["best_dev_cider_d"]:
             state.update(best_dev_cider_d=score, best_epoch=epoch + 1)
             dec._save_weights(model, checkpoint_dir / BEST_FILE)

@@ -111,6 +111,11 @@ def barrier(strategy) -> None:
     meet()
 
 
+def cosine_rate(base: float, done: float, total: float) -> float:
+    """`base` scaled by half a cosine: `base` at `done` 0, 0 at `done` == `total` (epochs or steps)."""
+    return float(base * 0.5 * (1.0 + math.cos(math.pi * done / max(total, 1))))
+
+
 class _EpochBook:
     """The per-epoch rules both loops share: schedule, history, best and last weights, state for resuming, patience."""
 
@@ -123,7 +128,7 @@ class _EpochBook:
     def begin(self, epoch: int, optimizer) -> None:
         self.state["_t0"] = time.perf_counter()
         if self.schedule == "cosine":  # a function of the epoch alone, so a resumed run follows the same curve
-            optimizer.learning_rate.assign(self.base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs)))
+            optimizer.learning_rate.assign(cosine_rate(self.base_lr, epoch, self.epochs))
 
     def end(self, epoch: int, loss: float, val_loss: float | None, model) -> bool:
         """Book the epoch; returns whether training should stop."""
