@@ -55,6 +55,9 @@ def test_check_settings_refuses_before_any_work_and_names_the_tokenizer():
         build.check_settings("en", DecoderConfig(architecture="transformer"), TrainConfig())
     with pytest.raises(CapkitError):
         build.check_settings("en", DecoderConfig(), TrainConfig(strategy="multiworker"))
+    for field in ("lr_schedule", "self_critical_lr_schedule"):  # a typo is refused, not trained as another schedule
+        with pytest.raises(CapkitError, match=f"TrainConfig.{field} must be one of .*not 'cosin'"):
+            build.check_settings("en", DecoderConfig(), TrainConfig(**{field: "cosin"}))
 
 
 def test_self_critical_epochs_default_to_five_on_one_device_and_zero_when_distributed(monkeypatch):

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import __version__
-from toolkit.config import (ADDED_FIELDS, SEARCH, SELF_CRITICAL_EPOCHS, DecoderConfig, EncoderConfig, SearchConfig,
-                            TrainConfig, resolve_tokenizer)
+from toolkit.config import (ADDED_FIELDS, LR_SCHEDULES, SEARCH, SELF_CRITICAL_EPOCHS, SELF_CRITICAL_LR_SCHEDULES,
+                            DecoderConfig, EncoderConfig, SearchConfig, TrainConfig, resolve_tokenizer)
 from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
 from toolkit.errors import CapkitError
 from toolkit.generate import beam_search_batched
@@ -166,6 +166,11 @@ def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig):
     from toolkit.train import distribution_strategy
 
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
+    for name, value, allowed in (("lr_schedule", tr_cfg.lr_schedule, LR_SCHEDULES),
+                                 ("self_critical_lr_schedule", tr_cfg.self_critical_lr_schedule,
+                                  SELF_CRITICAL_LR_SCHEDULES)):
+        if value not in allowed:  # the CLI checks its flags; a Python caller's typo would train on another schedule
+            raise CapkitError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, not {value!r}")
     if tr_cfg.self_critical_epochs is None:
         tr_cfg.self_critical_epochs = SELF_CRITICAL_EPOCHS if tr_cfg.strategy == "default" else 0
     if tr_cfg.self_critical_epochs and tr_cfg.strategy != "default":
