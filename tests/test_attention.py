@@ -212,18 +212,17 @@ def test_batches_by_image_hold_each_caption_once_with_its_own_image(batch):
     assert sorted(seen) == list(range(len(inputs)))
 
 
-def test_attention_decoder_trains_in_mixed_precision(tmp_path, monkeypatch):
+def test_attention_decoder_trains_in_mixed_precision(tmp_path):
     """The GPU path (mixed_float16) on the CPU: the loop's tensors in float16, a plain float32 model back."""
     from toolkit import decoder as dec
     from toolkit.config import DecoderConfig, TrainConfig
     from toolkit.generate import KerasStepModel, beam_search, beam_search_tf
 
-    monkeypatch.setattr(dec, "_mixed_precision_wanted", lambda: True)
     grids, seqs = tiny_attention_data(1)
     cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.1,
                         max_length=8)
-    model, state = dec.train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2),
-                                     tmp_path)
+    model, state = dec.train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2,
+                                                                                precision="float16"), tmp_path)
     assert {w.dtype for w in model.weights if "float" in w.dtype} == {"float32"}
     assert np.isfinite(state["history"][-1]["loss"]) and state["history"][-1]["loss"] < state["history"][0]["loss"]
     step = KerasStepModel(model)

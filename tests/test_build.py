@@ -55,6 +55,11 @@ def test_check_settings_refuses_before_any_work_and_names_the_tokenizer():
         build.check_settings("en", DecoderConfig(architecture="transformer"), TrainConfig())
     with pytest.raises(CapkitError):
         build.check_settings("en", DecoderConfig(), TrainConfig(strategy="multiworker"))
+    with pytest.raises(CapkitError, match="precision must be one of auto, float32, bfloat16, float16, not 'fp8'"):
+        build.check_settings("en", DecoderConfig(), TrainConfig(precision="fp8"))
+    auto = TrainConfig()
+    build.check_settings("en", DecoderConfig(), auto)
+    assert auto.precision == "float32"  # resolved (no GPU in tests), so the manifest says what was trained
     for field in ("lr_schedule", "self_critical_lr_schedule"):  # a typo is refused, not trained as another schedule
         with pytest.raises(CapkitError, match=f"TrainConfig.{field} must be one of .*not 'cosin'"):
             build.check_settings("en", DecoderConfig(), TrainConfig(**{field: "cosin"}))

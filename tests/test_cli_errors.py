@@ -97,6 +97,8 @@ def error_cases(tmp: Path, data: dict, packs: Path) -> dict:
         "unknown self-critical schedule": ([*build(), "--self-critical-lr-schedule", "step"],
                                            "--self-critical-lr-schedule must be one of constant, cosine, not 'step'",
                                            None),
+        "unknown precision": ([*build(), "--precision", "fp8"],
+                              "--precision must be one of auto, float32, bfloat16, float16, not 'fp8'", None),
         "negative clipnorm": ([*build(), "--clipnorm", "-1"], "--clipnorm must be 0 or more, not -1", None),
         "training across machines without a cluster": ([*build(), "--strategy", "multiworker"],
                                                        "strategy 'multiworker' needs the TF_CONFIG environment variable",

@@ -78,8 +78,9 @@ def test_mirrored_on_two_cpu_devices_matches_one_device(tiny_dataset, tmp_path):
         assert abs(a - b) <= 0.02 * a, (one, two, dev_one, dev_two)
 
 
-def test_mixed_precision_trains_and_returns_a_float32_model(tmp_path, monkeypatch):
-    """The GPU path (mixed_float16) on the CPU: float32 logits and loss, a plain float32 model back."""
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_mixed_precision_trains_and_returns_a_float32_model(tmp_path, monkeypatch, precision):
+    """mixed_float16 (the GPU's) and mixed_bfloat16 on the CPU: float32 logits and loss, a plain float32 model back."""
     import keras
     import numpy as np
 
@@ -87,7 +88,6 @@ def test_mixed_precision_trains_and_returns_a_float32_model(tmp_path, monkeypatc
     from toolkit.config import DecoderConfig, TrainConfig
     from toolkit.generate import KerasStepModel, beam_search, beam_search_tf
 
-    monkeypatch.setattr(dec, "_mixed_precision_wanted", lambda: True)
     built = []
     real_init = dec.CaptionDecoder.__init__
 
@@ -100,9 +100,9 @@ def test_mixed_precision_trains_and_returns_a_float32_model(tmp_path, monkeypatc
     feats = rng.normal(size=(12, 8)).astype(np.float32)
     seqs = dec.Sequences(np.arange(12, dtype=np.int32) % 12, [list(rng.integers(3, 20, size=rng.integers(2, 7))) for _ in range(12)])
     cfg = DecoderConfig(vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0, max_length=8)
-    model, state = dec.train_decoder(feats, seqs, feats, seqs, cfg, TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2),
-                                     tmp_path)
-    assert built[0] == ("mixed_float16", "float32")  # trained in float16, logits in float32
+    model, state = dec.train_decoder(feats, seqs, feats, seqs, cfg,
+                                     TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2, precision=precision), tmp_path)
+    assert built[0] == (f"mixed_{precision}", "float32")  # trained in the mixed policy, logits in float32
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     assert {w.dtype for w in model.weights if "float" in w.dtype} == {"float32"} and model.dtype_policy.name == "float32"
     assert state["history"][-1]["loss"] < state["history"][0]["loss"] and np.isfinite(state["history"][-1]["loss"])

@@ -158,11 +158,11 @@ def build_pack(
 def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig):
     """Fail now, not after the translation, on settings no stage can run; resolve what `dec_cfg` and `tr_cfg` leave open.
 
-    The tokenizer model `dec_cfg` means is named, and self-critical epochs left
-    at None become SELF_CRITICAL_EPOCHS on one device, 0 under a distributed
-    strategy. Returns the `tf.distribute` strategy `tr_cfg.strategy` names.
+    The tokenizer model `dec_cfg` means is named, "auto" precision becomes the
+    one this machine trains in, and self-critical epochs left at None become
+    SELF_CRITICAL_EPOCHS on one device, 0 under a distributed strategy. Returns the `tf.distribute` strategy `tr_cfg.strategy` names.
     """
-    from toolkit.decoder import decoder_class
+    from toolkit.decoder import decoder_class, resolve_precision
     from toolkit.train import distribution_strategy
 
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
@@ -171,6 +171,7 @@ def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig):
                                   SELF_CRITICAL_LR_SCHEDULES)):
         if value not in allowed:  # the CLI checks its flags; a Python caller's typo would train on another schedule
             raise CapkitError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, not {value!r}")
+    tr_cfg.precision = resolve_precision(tr_cfg.precision)  # the manifest names the arithmetic really used
     if tr_cfg.self_critical_epochs is None:
         tr_cfg.self_critical_epochs = SELF_CRITICAL_EPOCHS if tr_cfg.strategy == "default" else 0
     if tr_cfg.self_critical_epochs and tr_cfg.strategy != "default":

@@ -209,6 +209,9 @@ def build_pack(
     self_critical_lr_schedule: str = typer.Option(
         TrainConfig.self_critical_lr_schedule, "--self-critical-lr-schedule",
         help="constant, or cosine: from --self-critical-lr down to 0 over the self-critical epochs."),
+    precision: str = typer.Option(TrainConfig.precision, "--precision",
+                                  help="Teacher forcing's arithmetic: auto (float16 on a GPU, else float32), float32, "
+                                  "bfloat16 (faster on CPUs with AVX512_BF16 or AMX) or float16. Packs stay float32."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
     length_penalty: float = LengthPenaltyOption(),
     no_repeat_ngram: int = NoRepeatOption(),
@@ -219,8 +222,8 @@ def build_pack(
                                       "(every machine of the TF_CONFIG cluster; run the same command on each)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
-    from toolkit.config import (ATTENTION_SCORES, DECODER_ARCHITECTURES, LR_SCHEDULES, SELF_CRITICAL_LR_SCHEDULES,
-                                TOKENIZER_MODELS)
+    from toolkit.config import (ATTENTION_SCORES, DECODER_ARCHITECTURES, LR_SCHEDULES, PRECISIONS,
+                                SELF_CRITICAL_LR_SCHEDULES, TOKENIZER_MODELS)
 
     _check_lang(lang)
     if decoder not in DECODER_ARCHITECTURES:
@@ -246,6 +249,8 @@ def build_pack(
                           f"not {self_critical_lr_schedule!r}")
     if lr_schedule not in LR_SCHEDULES:
         raise CapkitError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
+    if precision not in PRECISIONS:
+        raise CapkitError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if not clipnorm >= 0:
         raise CapkitError(f"--clipnorm must be 0 or more, not {clipnorm}")
     if not min_delta >= 0:
@@ -290,7 +295,7 @@ def build_pack(
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy,
                                  self_critical_epochs=self_critical_epochs, self_critical_lr=self_critical_lr,
-                                 self_critical_lr_schedule=self_critical_lr_schedule),
+                                 self_critical_lr_schedule=self_critical_lr_schedule, precision=precision),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
     if not result.chief:

@@ -33,6 +33,8 @@ DECODER_ARCHITECTURES = ("lstm", "attention", "merge")
 ATTENTION_SCORES = ("dot", "additive")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 SELF_CRITICAL_LR_SCHEDULES = ("constant", "cosine")
+# Arithmetic of the teacher-forced training steps; the weights, and every pack, stay float32.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_MODELS = ("auto", "unigram", "bpe", "char")
 
 
@@ -105,6 +107,10 @@ class TrainConfig:
     self_critical_samples: int = 5  # captions sampled per image and step; each is judged against the others' mean
     self_critical_batch: int = 50   # images per self-critical step
     seed: int = 0               # shuffling and initialisation
+    precision: str = "auto"     # teacher forcing's arithmetic: "float16" (Keras mixed_float16, for GPUs' tensor
+                                # cores), "bfloat16" (mixed_bfloat16, for CPUs with AVX512_BF16 or AMX), "float32";
+                                # "auto": float16 where a GPU is present, else float32. Variables stay float32;
+                                # `build_pack` writes the resolved name into the manifest
     strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs) or multiworker
                                 # (every worker of the TF_CONFIG cluster; see toolkit.train)
 
@@ -134,7 +140,7 @@ ADDED_FIELDS = {
                       "attention_score": "additive"},
     "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0,
                     "self_critical_epochs": 0, "self_critical_lr": 5e-4, "self_critical_samples": 5,
-                    "self_critical_lr_schedule": "constant",
+                    "self_critical_lr_schedule": "constant", "precision": "auto",
                     "self_critical_batch": 50},
 }
 

@@ -35,7 +35,8 @@ from toolkit.backend import import_tensorflow
 tf = import_tensorflow()
 import keras  # noqa: E402
 
-MIXED_PRECISION_POLICY = "mixed_float16"  # on a GPU; logits and loss stay float32
+# TrainConfig.precision -> Keras dtype policy; under the mixed ones logits and loss stay float32.
+PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 class _PooledFeatures:
@@ -494,9 +495,19 @@ def _adapt_data(features):
     return tf.data.Dataset.from_generator(features.chunks, output_signature=spec)
 
 
-def _mixed_precision_wanted() -> bool:
-    """float16 pays on GPUs (tensor cores); on CPUs it is slower, so only there."""
-    return bool(tf.config.list_physical_devices("GPU"))
+def resolve_precision(precision: str) -> str:
+    """A TrainConfig.precision as trained: "auto" is float16 where a GPU is present (tensor cores), else float32.
+
+    float16 on a CPU is slower than float32; bfloat16 is faster on CPUs with
+    AVX512_BF16 or AMX (docs/experiments.md), and left to be asked for.
+    """
+    if precision == "auto":
+        return "float16" if tf.config.list_physical_devices("GPU") else "float32"
+    if precision not in PRECISION_POLICIES:
+        from toolkit.errors import CapkitError
+
+        raise CapkitError(f"precision must be one of auto, {', '.join(PRECISION_POLICIES)}, not {precision!r}")
+    return precision
 
 
 class CaptionLoss(keras.losses.Loss):
@@ -541,11 +552,11 @@ def _save_weights(model, path: Path) -> None:
 def training_model(config: DecoderConfig, train_config: TrainConfig, train_features, learning_rate: float | None = None):
     """A new decoder, its normalisation adapted to `train_features`, compiled with the training loss and optimizer.
 
-    Call under the strategy's scope; in mixed precision where a GPU is present.
+    Call under the strategy's scope. Its layers compute in `train_config.precision` (see
+    `resolve_precision`); the float32 head keeps logits and loss in float32.
     """
     policy = keras.config.dtype_policy()
-    if _mixed_precision_wanted():  # layers take the policy when built; the float32 head keeps logits and loss in float32
-        keras.config.set_dtype_policy(MIXED_PRECISION_POLICY)
+    keras.config.set_dtype_policy(PRECISION_POLICIES[resolve_precision(train_config.precision)])  # layers take it when built
     try:
         model = decoder_class(config)(config)
         model.norm.adapt(_adapt_data(train_features))  # train-split statistics, stored with the weights

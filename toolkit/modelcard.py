@@ -28,7 +28,8 @@ def write_model_card(folder: Path, m: dict) -> None:
         "## Training",
         f"- {dc['architecture']} decoder: embeddings {dc['embed_dim']}, LSTM {dc['units']}, dropout {dc['dropout']}; "
         f"Adam from {tc['learning_rate']} ({tc['lr_schedule']}), gradient norm clipped at {tc['clipnorm'] or 'none'}, "
-        f"label smoothing {tc['label_smoothing']}, batches of {tc['batch_size']}, seed {tc['seed']}",
+        f"label smoothing {tc['label_smoothing']}, batches of {tc['batch_size']}, seed {tc['seed']}"
+        f"{'' if tc.get('precision', 'auto') in ('auto', 'float32') else ', in mixed ' + tc['precision']}",
         f"- {t['epochs_run']} epochs (best {t['best_epoch']}, dev loss {t['best_dev_loss']:.3f}), {t['seconds']} s on {t['hardware']}",
         *_self_critical_line(t, tc), "",
         "## Scores (corpus BLEU, 0-100; CIDEr-D x100)", "",

@@ -295,8 +295,8 @@ def train_decoder(
     `checkpoint_dir` keeps the last and best weights and the epoch reached; a
     call with the same folder resumes where it stopped, optimizer state included.
     The model is built and compiled under `train_config.strategy` (see
-    `distribution_strategy`), in mixed precision where a GPU is present; the
-    model returned is always a plain float32 one, ready for inference.
+    `distribution_strategy`), in `train_config.precision`; the model returned
+    is always a plain float32 one, ready for inference.
 
     Under "multiworker" every worker of the cluster calls this with the same
     arguments; only the chief (`is_chief`) touches `checkpoint_dir`, the others
@@ -309,7 +309,7 @@ def train_decoder(
     if chief:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(train_config.seed)
-    mixed = dec._mixed_precision_wanted()
+    mixed = dec.resolve_precision(train_config.precision) != "float32"
     state_path = checkpoint_dir / CHECKPOINT_STATE_FILE
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "wait": 0,
              "lr": train_config.learning_rate, "history": []}
@@ -359,7 +359,7 @@ def train_decoder(
         return plain, {**state, "chief": False}
     best = checkpoint_dir / CHECKPOINT_BEST_FILE
     if mixed or train_config.strategy != "default":
-        # Distributed or float16 variables are for training; inference gets plain float32 ones.
+        # Distributed or mixed-precision models are for training; inference gets a plain float32 one.
         if not best.exists():
             best = checkpoint_dir / CHECKPOINT_LAST_FILE
             dec._save_weights(model, best)
