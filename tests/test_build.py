@@ -146,6 +146,11 @@ def test_train_runs_its_epochs_and_keys_its_checkpoints_by_its_settings(run):
     assert key == t.run_key
     assert build._run_key("en", run.dec_cfg, replace(run.tr_cfg, strategy="mirrored"), run.features.encoder.id, names, texts) == key
     assert build._run_key("en", run.dec_cfg, replace(run.tr_cfg, seed=1), run.features.encoder.id, names, texts) != key
+    # Each device's own precision resumes the same run, as the strategy does; bfloat16, asked for, is another run.
+    for precision, same in (("float32", True), ("float16", True), ("auto", True), ("bfloat16", False)):
+        other = build._run_key("en", run.dec_cfg, replace(run.tr_cfg, precision=precision), run.features.encoder.id,
+                               names, texts)
+        assert (other == key) == same, precision
 
 
 def test_score_an_installed_pack_again_reproduces_its_scores(tiny_packs, tiny_dataset):

@@ -446,13 +446,16 @@ def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id:
              train_texts: list[str]) -> str:
     defaults, train_defaults = DecoderConfig(), TrainConfig()
     return hashlib.sha256(json.dumps(
-        # Without the strategy: a run interrupted on GPUs may resume on a CPU, the weights are the same.
-        # Fields added later count only when set: a build begun before they existed still resumes.
+        # Without the strategy: a run interrupted on GPUs may resume on a CPU, the weights are the same. So
+        # without the precision each of them picks by itself (float16 on GPUs, float32 on CPUs); bfloat16, asked
+        # for by name, is a run of its own. Fields added later count only when set: a build begun before they
+        # existed still resumes.
         [lang, {k: v for k, v in asdict(dec_cfg).items()
                 if k not in ADDED_FIELDS["DecoderConfig"] or v != getattr(defaults, k)},
          {k: v for k, v in asdict(tr_cfg).items()
           # Self-critical settings only shape the fine-tuning after it, which keeps checkpoints of its own.
           if k != "strategy" and not k.startswith("self_critical")
+          and not (k == "precision" and v in ("auto", "float32", "float16"))
           and (k not in ADDED_FIELDS["TrainConfig"] or v != getattr(train_defaults, k))}, encoder_id,
          sorted(train_names), train_texts[:50]], sort_keys=True
     ).encode()).hexdigest()[:12]
