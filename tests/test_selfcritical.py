@@ -78,15 +78,20 @@ def test_samples_follow_the_models_distribution_and_end_with_eos(tokenizer):
     assert np.abs(freq - p).max() < 4 * np.sqrt(p.max() / len(ids)) + 1e-3
 
 
-def test_fine_tuning_raises_the_reward_and_keeps_the_best_dev_weights(tokenizer, tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_fine_tuning_raises_the_reward_and_keeps_the_best_dev_weights(tokenizer, tmp_path, precision):
+    """In float32 and in mixed bfloat16, which hands back the float32 model it was given, at the best dev epoch."""
     feats, refs = _task(12)
     dev_feats, dev_refs = _task(3, seed=1)
-    model = _model(tokenizer, feats)
-    tc = TrainConfig(self_critical_epochs=6, self_critical_lr=3e-2, self_critical_samples=4, self_critical_batch=12)
+    model = given = _model(tokenizer, feats)
+    tc = TrainConfig(self_critical_epochs=6, self_critical_lr=3e-2, self_critical_samples=4, self_critical_batch=12,
+                     precision=precision)
     seen = []
     model, state = sc.fine_tune(model, feats, refs, dev_feats, dev_refs, tokenizer, "en", tc, tmp_path / "sc",
                                 progress=lambda e: "step" not in e and seen.append(e["epoch"]))
     history = state["history"]
+    assert model is given and model.dtype_policy.name == "float32"
+    assert {w.dtype for w in model.weights if "float" in w.dtype} == {"float32"}
     assert seen == [1, 2, 3, 4, 5, 6] and [h["epoch"] for h in history] == [0, 1, 2, 3, 4, 5, 6]
     assert history[-1]["reward"] > 3 * history[1]["reward"]  # the training samples score higher and higher
     best = max(history, key=lambda h: h["dev_cider_d"])

@@ -12,7 +12,8 @@ sequence training"), so no greedy caption is decoded per step.
 An epoch goes over every training image once, in batches of
 `TrainConfig.self_critical_batch` images with `self_critical_samples`
 captions each, at Adam's `self_critical_lr` (constant, or falling to 0 by
-a cosine over every step of every epoch: `self_critical_lr_schedule`).
+a cosine over every step of every epoch: `self_critical_lr_schedule`), in
+mixed bfloat16 where `TrainConfig.precision` asks for it.
 After each epoch the dev photos are captioned greedily and scored by
 CIDEr-D (document frequencies of the dev references); the best weights are
 kept, epoch 0 (the teacher-forced model) included, so the fine-tuning
@@ -135,6 +136,7 @@ def fine_tune(
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     cfg, tc = model.config, train_config
+    plain, model = model, _in_precision(model, tc.precision)
     K, B = tc.self_critical_samples, tc.self_critical_batch
     model.compile(optimizer=keras.optimizers.Adam(tc.self_critical_lr, clipnorm=tc.clipnorm or None))
     model.optimizer.build(model.trainable_variables)
@@ -144,9 +146,12 @@ def fine_tune(
     dev_images = np.arange(len(dev_refs))
 
     def dev_score() -> float:
+        """Of the float32 model this returns, whatever the steps compute in: the score kept is what it gets."""
         from toolkit.generate import beam_search_tf
 
-        ids = beam_search_tf(model, dev_f, BOS_ID, EOS_ID, beam=1, max_length=cfg.max_length)
+        if plain is not model:
+            plain.set_weights(model.get_weights())
+        ids = beam_search_tf(plain, dev_f, BOS_ID, EOS_ID, beam=1, max_length=cfg.max_length)
         return float(dev_reward.score(_hypotheses(tokenizer, ids, lang), dev_images).mean())
 
     dev_f = np.asarray(dev_features[np.arange(len(dev_refs))], np.float32)
@@ -204,4 +209,26 @@ def fine_tune(
         if progress:
             progress(dict(state["history"][-1], stage="self_critical", best_epoch=state["best_epoch"]))
     model.load_weights(checkpoint_dir / BEST_FILE)
-    return model, state
+    if plain is not model:
+        plain.set_weights(model.get_weights())  # float32, whatever the steps computed in
+    return plain, state
+
+
+def _in_precision(model, precision: str):
+    """`model` itself, or under bfloat16 a copy whose layers compute in mixed_bfloat16 (float32 variables).
+
+    bfloat16 needs no loss scaling, so the stage's own gradient step runs in
+    it as it is (1.25x a step on an AVX512_BF16 CPU, docs/experiments.md);
+    float16 would, and stays float32 here.
+    """
+    if dec.resolve_precision(precision) != "bfloat16":
+        return model
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dec.PRECISION_POLICIES["bfloat16"])
+    try:
+        twin = dec.decoder_class(model.config)(model.config)
+        twin.build_all(model.config.feature_dim)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    twin.set_weights(model.get_weights())  # the normalisation's statistics included
+    return twin
