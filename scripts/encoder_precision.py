@@ -4,16 +4,16 @@ Issue 14's largest single stage is extraction (7,000 photos through Xception,
 7-14 minutes on 2 cores). On CPUs with AVX512_BF16 or AMX, Keras's
 mixed_bfloat16 policy runs the convolutions in bfloat16. This script asks
 whether that is worth having: the dev photos are encoded twice in the same
-run, by the pack's own encoder (float32) and by the same weights built under
-mixed_bfloat16, each from the JPEG files with no feature cache (the real
-extraction path, decoding included); then the same pack captions both sets of
-features with the default search, and a paired bootstrap over the photos says
-whether the captions got worse.
+run by the pack's own encoder, in float32 and in bfloat16
+(`EncoderConfig.precision`, which `build-pack --precision bfloat16` sets),
+each from the JPEG files with no feature cache (the real extraction path,
+decoding included); then the same pack captions both sets of features with
+the default search, and a paired bootstrap over the photos says whether the
+captions got worse.
 
     python scripts/encoder_precision.py --packs-dir runs/zh --lang zh [--images 1000]
 
 Prints images per second and the scores; writes runs/encoder_precision.json.
-Nothing in the toolkit changes: the packs keep float32 features.
 """
 
 from __future__ import annotations
@@ -23,34 +23,12 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _fullsplit import shared_data  # noqa: E402
-
-
-def bfloat16_forward(model, image_size: int):
-    """The encoder's forward pass (`Encoder._encode_batch`'s) with the same weights, built under mixed_bfloat16."""
-    import keras
-    import tensorflow as tf
-
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")  # layers take the policy when built (a clone keeps float32)
-    try:
-        twin = keras.applications.Xception(include_top=False, weights=None, input_shape=(image_size, image_size, 3),
-                                           pooling=None)
-    finally:
-        keras.config.set_dtype_policy(policy)
-    twin.set_weights(model.get_weights())
-
-    @tf.function(reduce_retracing=True)
-    def forward(x):
-        x = tf.cast(x, tf.float32) / 127.5 - 1.0
-        maps = tf.cast(twin(x, training=False), tf.float32)
-        return tf.reduce_mean(maps, axis=[1, 2]), maps
-
-    return forward
 
 
 def main() -> None:
@@ -82,7 +60,7 @@ def main() -> None:
             captioner = Captioner(args.packs_dir, [args.lang], feature_cache=False).load()
             enc = captioner.encoder(args.lang)
             if precision == "bfloat16":
-                enc._forward = bfloat16_forward(enc.model, enc.config.image_size)
+                enc.config = replace(enc.config, precision="bfloat16")  # EncoderConfig.precision, as --precision sets it
             paths = [str(images / n) for n in names]
             enc.extract(paths[: enc.config.batch_size])  # traced before the clock starts, both precisions alike
             enc.forget_features()

@@ -155,6 +155,30 @@ def test_encoder_identity_is_stable_and_cache_is_keyed_by_content(tmp_path, tiny
     np.testing.assert_allclose(enc.features([ex.keys[str(p)] for p in imgs]), direct, rtol=2e-3, atol=1e-9)
 
 
+def test_a_bfloat16_encoder_is_the_same_encoder_to_within_its_rounding(tmp_path, tiny_dataset):
+    """Same identity, weights and cache; features within a few percent of float32's; an unknown precision refused."""
+    from dataclasses import replace
+
+    from toolkit.config import EncoderConfig
+    from toolkit.encoder import Encoder
+    from toolkit.errors import CapkitError
+    from toolkit.images import read_image
+
+    cfg = EncoderConfig(weights="none", image_size=71, batch_size=4)
+    full = Encoder.prepare(cfg, tmp_path / "a")
+    half = Encoder.prepare(replace(cfg, precision="bfloat16"), tmp_path / "b")
+    assert half.id == full.id and half.identity["digest"] == full.identity["digest"]
+    again = Encoder.prepare(EncoderConfig(weights=full.id, image_size=71, precision="bfloat16"), tmp_path / "a")
+    assert again.config.precision == "bfloat16"  # a registered encoder, loaded by id, takes the precision asked for
+    arrays = np.stack([read_image(p, 71) for p in sorted(tiny_dataset["images"].iterdir())[:6]])
+    a, b = full.encode_arrays(arrays), half.encode_arrays(arrays)
+    assert b.dtype == np.float32 and b.shape == a.shape
+    assert 0 < np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05  # rounded, not another model
+    assert {w.dtype for w in half.model.weights} == {"float32"}  # the registered model itself is untouched
+    with pytest.raises(CapkitError, match="encoder precision must be one of float32, bfloat16, not 'float16'"):
+        Encoder.prepare(replace(cfg, precision="float16"), tmp_path / "c")
+
+
 def test_encoder_weights_file_round_trip_and_mismatch(tmp_path):
     import keras
 

@@ -105,10 +105,10 @@ def _at_least(flag: str, value, low) -> None:
         raise CapkitError(f"{flag} must be at least {low}, not {value}")
 
 
-def _encoder_config(weights: str, image_size: int, batch_size: int):
+def _encoder_config(weights: str, image_size: int, batch_size: int, precision: str = "float32"):
     from toolkit.config import EncoderConfig
 
-    return EncoderConfig(weights=weights, image_size=image_size, batch_size=batch_size)
+    return EncoderConfig(weights=weights, image_size=image_size, batch_size=batch_size, precision=precision)
 
 
 def EncoderWeightsOption():
@@ -210,8 +210,9 @@ def build_pack(
         TrainConfig.self_critical_lr_schedule, "--self-critical-lr-schedule",
         help="constant, or cosine: from --self-critical-lr down to 0 over the self-critical epochs."),
     precision: str = typer.Option(TrainConfig.precision, "--precision",
-                                  help="Teacher forcing's arithmetic: auto (float16 on a GPU, else float32), float32, "
-                                  "bfloat16 (faster on CPUs with AVX512_BF16 or AMX) or float16. Packs stay float32."),
+                                  help="Training's arithmetic: auto (float16 on a GPU, else float32), float32, bfloat16 "
+                                  "(extraction, teacher forcing and self-critical steps; 1.25-1.7x on CPUs with "
+                                  "AVX512_BF16 or AMX) or float16 (teacher forcing). Packs stay float32."),
     beam: int = BeamOption("Beam width for the scores written into the pack."),
     length_penalty: float = LengthPenaltyOption(),
     no_repeat_ngram: int = NoRepeatOption(),
@@ -287,7 +288,8 @@ def build_pack(
     result = run(
         lang, plan.captions, plan.images, plan.split_files, _packs_dir(packs_dir),
         source_lang=source_lang, translator=translator, translator_options=options, split_method=plan.split,
-        encoder_config=_encoder_config(weights, image_size, 32),
+        # bfloat16 asked for by name covers the extraction too; auto, float16 and float32 extract in float32
+        encoder_config=_encoder_config(weights, image_size, 32, "bfloat16" if precision == "bfloat16" else "float32"),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout, attention_reg=attention_reg, attention_score=attention_score,
                                      tokenizer=tokenizer),

@@ -27,6 +27,9 @@ class EncoderConfig:
                                 # or the id of an encoder registered in the packs dir (loaded, not rebuilt)
     batch_size: int = 32        # images per forward pass
     workers: int = 4            # threads decoding and resizing images ahead of the model
+    precision: str = "float32"  # or "bfloat16": the forward pass under Keras mixed_bfloat16, 1.5x on CPUs with
+                                # AVX512_BF16; features within 2% of float32's, a pack's captions level with them
+                                # (docs/experiments.md). Like the batch size, not part of the encoder's identity
 
 
 DECODER_ARCHITECTURES = ("lstm", "attention", "merge")
@@ -35,6 +38,7 @@ LR_SCHEDULES = ("plateau", "cosine", "constant")
 SELF_CRITICAL_LR_SCHEDULES = ("constant", "cosine")
 # Arithmetic of the teacher-forced training steps; the weights, and every pack, stay float32.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+ENCODER_PRECISIONS = ("float32", "bfloat16")
 TOKENIZER_MODELS = ("auto", "unigram", "bpe", "char")
 
 

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from toolkit.config import EncoderConfig
+from toolkit.config import ENCODER_PRECISIONS, EncoderConfig
 from toolkit.errors import CapkitError
 from toolkit.features import (  # noqa: F401  (the cache's names, importable here as before)
     FEATURES_FILE, FEATURES_INDEX_FILE, CacheWriteError, FeatureCache, FeatureView, image_key,
@@ -102,14 +102,18 @@ class Encoder:
 
         `config.weights` may be the id of an encoder registered there
         (`choose_encoder`): it is loaded, not rebuilt, and `config.image_size`
-        must be its size; `config.batch_size` and `workers` still apply.
+        must be its size; `config.batch_size`, `workers` and `precision` still apply.
         """
+        if config.precision not in ENCODER_PRECISIONS:
+            raise CapkitError(f"encoder precision must be one of {', '.join(ENCODER_PRECISIONS)}, "
+                              f"not {config.precision!r}")
         if ENCODER_ID.fullmatch(config.weights):
             enc = cls.load(packs_dir, config.weights)
             if config.image_size != enc.config.image_size:
                 raise CapkitError(f"encoder {enc.id} takes {enc.config.image_size} px images, not {config.image_size}",
                                   hint="drop --image-size, or pass weights (imagenet or a file) to make another encoder")
-            enc.config = replace(enc.config, batch_size=config.batch_size, workers=config.workers)
+            enc.config = replace(enc.config, batch_size=config.batch_size, workers=config.workers,
+                                 precision=config.precision)
             return enc
         model = _build(config, config.weights)
         identity = _identity(model, config)
@@ -320,12 +324,12 @@ class Encoder:
         import tensorflow as tf
 
         if self._forward is None:
-            model = self.model
+            model = self.model if self.config.precision == "float32" else _in_bfloat16(self.model, self.config)
 
             @tf.function(reduce_retracing=True)
             def forward(x):
                 x = tf.cast(x, tf.float32) / 127.5 - 1.0  # keras.applications.xception.preprocess_input
-                maps = model(x, training=False)
+                maps = tf.cast(model(x, training=False), tf.float32)
                 return tf.reduce_mean(maps, axis=[1, 2]), maps  # Xception's pooling="avg", done here
 
             self._forward = forward
@@ -448,6 +452,21 @@ def register_encoder(packs_dir: Path, expected: dict, weights: str | Path, *, mo
                               hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write, with free space") from None
         raise
     return home
+
+
+def _in_bfloat16(model, config: EncoderConfig):
+    """`model`'s weights in an Xception built under mixed_bfloat16: convolutions in bfloat16, float32 variables."""
+    import keras
+
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")  # layers take the policy when built
+    try:
+        twin = keras.applications.Xception(include_top=False, weights=None, pooling=None,
+                                           input_shape=(config.image_size, config.image_size, 3))
+    finally:
+        keras.config.set_dtype_policy(policy)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def _build(config: EncoderConfig, weights: str):
