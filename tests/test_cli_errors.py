@@ -9,6 +9,7 @@ the script itself and `--debug`.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -309,18 +310,27 @@ def test_tensorflow_python_warnings_are_silenced_unless_asked_for():
     assert "retracing" in loud.stderr and "retracing" not in quiet.stderr, quiet.stderr
 
 
-def test_training_and_captioning_print_no_tensorflow_log_lines(tiny_dataset, tmp_path):
-    """Run as a user would (no TF_CPP_MIN_LOG_LEVEL): only capkit's own lines; CAPKIT_TF_VERBOSE=1 shows TF's."""
+@pytest.mark.parametrize("precision", ["auto", "bfloat16"])
+def test_training_and_captioning_print_no_tensorflow_log_lines(tiny_dataset, tmp_path, precision):
+    """Run as a user would (no TF_CPP_MIN_LOG_LEVEL): only capkit's own lines; CAPKIT_TF_VERBOSE=1 shows TF's.
+
+    In bfloat16 too, whose every stage (extraction, teacher forcing, self-critical steps) runs other kernels.
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CAPKIT_TF_VERBOSE")}
     d, packs = tiny_dataset, tmp_path / "packs"
     build = ["build-pack", "en", "--captions", d["captions_en"], "--images", d["images"], "--train-split", d["train"],
              "--dev-split", d["dev"], "--encoder-weights", "none", "--image-size", "71", "--epochs", "1",
-             "--self-critical-epochs", "1", "--packs-dir", packs]
+             "--self-critical-epochs", "1", "--precision", precision, "--packs-dir", packs]
     for args in (build, ["caption", d["images"], "--lang", "en", "--packs-dir", packs]):
         p = subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
         assert not TF_LOG_LINE.search(p.stderr) and "Warning:" not in p.stderr, p.stderr  # nor Python warnings
+    manifest = json.loads((packs / "en" / "manifest.json").read_text())
+    assert manifest["train"]["precision"] == {"auto": "float32", "bfloat16": "bfloat16"}[precision]  # as trained
+    if precision == "bfloat16":  # the model card says so; TensorFlow's own lines are checked once, below
+        assert ", in mixed bfloat16" in (packs / "en" / "README.md").read_text()
+        return
     p = subprocess.run([sys.executable, "-m", "toolkit", "caption", str(d["images"]), "--lang", "en", "--packs-dir", str(packs)],
                        cwd=REPO, env={**env, "CAPKIT_TF_VERBOSE": "1"}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and TF_LOG_LINE.search(p.stderr)
