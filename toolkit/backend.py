@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 
 def import_tensorflow():
@@ -50,3 +51,16 @@ def import_tensorflow():
         os.close(saved)
         os.close(devnull)
     return tf
+
+
+@contextmanager
+def dtype_policy(name: str):
+    """Keras layers built inside compute in policy `name` ("float32", "mixed_bfloat16", ...); restored after."""
+    import keras
+
+    saved = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(saved)

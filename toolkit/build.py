@@ -160,7 +160,8 @@ def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig):
 
     The tokenizer model `dec_cfg` means is named, "auto" precision becomes the
     one this machine trains in, and self-critical epochs left at None become
-    SELF_CRITICAL_EPOCHS on one device, 0 under a distributed strategy. Returns the `tf.distribute` strategy `tr_cfg.strategy` names.
+    SELF_CRITICAL_EPOCHS on one device, 0 under a distributed strategy.
+    Returns the `tf.distribute` strategy `tr_cfg.strategy` names.
     """
     from toolkit.decoder import decoder_class, resolve_precision
     from toolkit.train import distribution_strategy

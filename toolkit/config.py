@@ -36,7 +36,7 @@ DECODER_ARCHITECTURES = ("lstm", "attention", "merge")
 ATTENTION_SCORES = ("dot", "additive")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 SELF_CRITICAL_LR_SCHEDULES = ("constant", "cosine")
-# Arithmetic of the teacher-forced training steps; the weights, and every pack, stay float32.
+# TrainConfig.precision and EncoderConfig.precision; the weights, and every pack, stay float32.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 ENCODER_PRECISIONS = ("float32", "bfloat16")
 TOKENIZER_MODELS = ("auto", "unigram", "bpe", "char")
@@ -111,10 +111,11 @@ class TrainConfig:
     self_critical_samples: int = 5  # captions sampled per image and step; each is judged against the others' mean
     self_critical_batch: int = 50   # images per self-critical step
     seed: int = 0               # shuffling and initialisation
-    precision: str = "auto"     # teacher forcing's arithmetic: "float16" (Keras mixed_float16, for GPUs' tensor
-                                # cores), "bfloat16" (mixed_bfloat16, for CPUs with AVX512_BF16 or AMX), "float32";
-                                # "auto": float16 where a GPU is present, else float32. Variables stay float32;
-                                # `build_pack` writes the resolved name into the manifest
+    precision: str = "auto"     # training's arithmetic: "float16" (Keras mixed_float16, for GPUs' tensor cores;
+                                # teacher forcing only), "bfloat16" (mixed_bfloat16, for CPUs with AVX512_BF16 or
+                                # AMX; the self-critical steps too), "float32"; "auto": float16 where a GPU is
+                                # present, else float32. Variables stay float32; `build_pack` writes the resolved
+                                # name into the manifest. Extraction has its own, EncoderConfig.precision
     strategy: str = "default"   # tf.distribute: default (one device), mirrored (all local GPUs) or multiworker
                                 # (every worker of the TF_CONFIG cluster; see toolkit.train)
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.config import DECODER_ARCHITECTURES, DecoderConfig, TrainConfig
+from toolkit.config import DECODER_ARCHITECTURES, PRECISIONS, DecoderConfig, TrainConfig
 from toolkit.errors import CapkitError
 from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-from toolkit.backend import import_tensorflow
+from toolkit.backend import dtype_policy, import_tensorflow
 
 tf = import_tensorflow()
 import keras  # noqa: E402
@@ -504,9 +504,7 @@ def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "float16" if tf.config.list_physical_devices("GPU") else "float32"
     if precision not in PRECISION_POLICIES:
-        from toolkit.errors import CapkitError
-
-        raise CapkitError(f"precision must be one of auto, {', '.join(PRECISION_POLICIES)}, not {precision!r}")
+        raise CapkitError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return precision
 
 
@@ -555,14 +553,10 @@ def training_model(config: DecoderConfig, train_config: TrainConfig, train_featu
     Call under the strategy's scope. Its layers compute in `train_config.precision` (see
     `resolve_precision`); the float32 head keeps logits and loss in float32.
     """
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(PRECISION_POLICIES[resolve_precision(train_config.precision)])  # layers take it when built
-    try:
+    with dtype_policy(PRECISION_POLICIES[resolve_precision(train_config.precision)]):  # layers take it when built
         model = decoder_class(config)(config)
         model.norm.adapt(_adapt_data(train_features))  # train-split statistics, stored with the weights
         model.build_all(config.feature_dim)
-    finally:
-        keras.config.set_dtype_policy(policy)
     lr = train_config.learning_rate if learning_rate is None else learning_rate
     model.compile(  # under mixed_float16 Keras wraps Adam in a LossScaleOptimizer
         optimizer=keras.optimizers.Adam(lr, clipnorm=train_config.clipnorm or None),

@@ -458,13 +458,11 @@ def _in_bfloat16(model, config: EncoderConfig):
     """`model`'s weights in an Xception built under mixed_bfloat16: convolutions in bfloat16, float32 variables."""
     import keras
 
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")  # layers take the policy when built
-    try:
+    from toolkit.backend import dtype_policy
+
+    with dtype_policy("mixed_bfloat16"):  # layers take the policy when built
         twin = keras.applications.Xception(include_top=False, weights=None, pooling=None,
                                            input_shape=(config.image_size, config.image_size, 3))
-    finally:
-        keras.config.set_dtype_policy(policy)
     twin.set_weights(model.get_weights())
     return twin
 

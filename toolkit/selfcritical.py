@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from toolkit import decoder as dec
+from toolkit.backend import dtype_policy
 from toolkit.config import TrainConfig
 from toolkit.decoder import keras, tf
 from toolkit.evaluate import CiderD, bleu_tokenize
@@ -223,12 +224,7 @@ def _in_precision(model, precision: str):
     """
     if dec.resolve_precision(precision) != "bfloat16":
         return model
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(dec.PRECISION_POLICIES["bfloat16"])
-    try:
-        twin = dec.decoder_class(model.config)(model.config)
-        twin.build_all(model.config.feature_dim)
-    finally:
-        keras.config.set_dtype_policy(policy)
+    with dtype_policy(dec.PRECISION_POLICIES["bfloat16"]):
+        twin = dec.decoder_class(model.config)(model.config).build_all(model.config.feature_dim)
     twin.set_weights(model.get_weights())  # the normalisation's statistics included
     return twin
