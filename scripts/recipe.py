@@ -19,7 +19,8 @@ seeds): it is then scored by its runs' mean BLEU-4.
 
 ensemble: packs of one language with the same tokenizer (trained with other
 settings or seeds), each alone and all together: one beam search over their
-averaged next-token probabilities.
+averaged next-token probabilities, with the paired bootstrap of the
+ensemble against its members' mean BLEU-4 (`--bootstrap 0` skips it).
 
     python scripts/recipe.py ensemble --lang en --packs-dir runs/exp/en_a --with runs/exp/en_b --search 5,0.5,3
 
@@ -115,7 +116,7 @@ def ensemble(args) -> None:
     from toolkit.data import group_by_image, read_captions, read_split
     from toolkit.encoder import Encoder
     from toolkit.errors import CapkitError
-    from toolkit.evaluate import corpus_bleu_scores
+    from toolkit.evaluate import corpus_bleu_scores, paired_bootstrap
     from toolkit.generate import beam_search
     from toolkit.pack import REFERENCES_FILE, TOKENIZER_FILE
     from toolkit.pipeline import load_pack
@@ -135,14 +136,21 @@ def ensemble(args) -> None:
     features = encoder.features([keys[str(p)] for p in paths])
     refs = {n: refs_all[n] for n in names}
     search = _search(args.search)
+    captions = []
     for members in [[i] for i in range(len(packs))] + [list(range(len(packs)))]:
         model = _Ensemble([packs[i].step for i in members])
         ids = [c for i in range(0, len(features), 64)
                for c in beam_search(model, features[i : i + 64], BOS_ID, EOS_ID, search["beam"], 40,
                                     search["length_penalty"], search["no_repeat_ngram"])]
-        s = corpus_bleu_scores(dict(zip(names, packs[0].tokenizer.decode(ids))), refs, args.lang).to_dict()
+        captions.append(dict(zip(names, packs[0].tokenizer.decode(ids))))
+        s = corpus_bleu_scores(captions[-1], refs, args.lang).to_dict()
         label = " + ".join(str(dirs[i]) for i in members)
-        print(f"{args.lang} {label}: BLEU-1 {s['bleu1']:.1f} BLEU-4 {s['bleu4']:.1f}")
+        print(f"{args.lang} {label}: BLEU-1 {s['bleu1']:.1f} BLEU-4 {s['bleu4']:.1f} CIDEr-D {s['cider_d']:.1f}")
+    if args.bootstrap:  # the ensemble against its members, scored by their mean BLEU-4 on the same resamples
+        pb = paired_bootstrap(captions[-1], captions[:-1], refs, args.lang, n=args.bootstrap)
+        lo, hi = pb["delta_ci"]
+        print(f"{args.lang}: ensemble - members' mean BLEU-4 {pb['bleu4_a'] - pb['bleu4_b']:+.1f} "
+              f"(95% CI {lo:+.1f} to {hi:+.1f}); ensemble better in {100 * pb['p_a_better']:.1f}% of {pb['n']} resamples")
 
 
 def main() -> None:
@@ -154,7 +162,7 @@ def main() -> None:
         p.add_argument("--packs-dir", type=Path, required=True, nargs="+" if name == "compare" else None)
         p.add_argument("--images", type=Path, default=DATA / "Images224")  # the whole train and dev splits
         p.add_argument("--split", type=Path, default=DATA / "Flickr_8k.devImages.txt")
-        p.add_argument("--bootstrap", type=int, default=1000 if name == "compare" else 0)
+        p.add_argument("--bootstrap", type=int, default=0 if name == "sweep" else 1000)
     s = sub.choices["sweep"]
     s.add_argument("--beam", default="3,5")
     s.add_argument("--length-penalty", default="0,0.5,1")

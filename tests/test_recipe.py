@@ -209,3 +209,21 @@ def test_recipe_compare_scores_a_side_of_several_runs_by_their_mean(tiny_packs, 
     assert out[1].startswith(f"en: b = {tiny_packs} (3,0,0)")
     # The same pack twice, under the same search, is that pack: no difference on any resample.
     assert out[2].startswith("en: a - b BLEU-4 +0.0 (95% CI +0.0 to +0.0); a better in 0.0% of 50")
+
+
+def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tiny_dataset, capsys):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "scripts" / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = argparse.Namespace(lang="en", packs_dir=tiny_packs, members=[tiny_packs], search="3,0,0",
+                              images=tiny_dataset["images"], split=tiny_dataset["dev"], bootstrap=50)
+    recipe.ensemble(args)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == [f"en {tiny_packs}", f"en {tiny_packs}",
+                                                    f"en {tiny_packs} + {tiny_packs}", "en"]
+    scores = {line.split(": ", 1)[1] for line in out[:3]}
+    assert len(scores) == 1 and "CIDEr-D" in out[0]  # a pack with itself is that pack
+    assert out[3].startswith("en: ensemble - members' mean BLEU-4 +0.0 (95% CI +0.0 to +0.0); ensemble better in 0.0% of 50")
