@@ -90,7 +90,9 @@ def main() -> None:
         print(f"| {p} | {o['images_per_s']:.1f} | {o['bleu1']:.1f} | {o['bleu4']:.1f} "
               f"({o['ci']['bleu4'][0]:.1f}-{o['ci']['bleu4'][1]:.1f}) | {o['cider_d']:.1f} |")
     lo, hi = paired["delta_ci"]
-    print(f"bfloat16 - float32: BLEU-4 {paired['bleu4_a'] - paired['bleu4_b']:+.1f} ({lo:+.1f} to {hi:+.1f}); "
+    clo, chi = paired["cider_d_delta_ci"]
+    print(f"bfloat16 - float32: BLEU-4 {paired['bleu4_a'] - paired['bleu4_b']:+.1f} ({lo:+.1f} to {hi:+.1f}), "
+          f"CIDEr-D {paired['cider_d_a'] - paired['cider_d_b']:+.1f} ({clo:+.1f} to {chi:+.1f}); "
           f"identical captions {out['identical_captions']:.0%}; features: relative error "
           f"{out['features']['relative_error']:.4f}, min cosine {out['features']['min_cosine']:.5f}; "
           f"speed-up {out['bfloat16']['images_per_s'] / out['float32']['images_per_s']:.2f}x")

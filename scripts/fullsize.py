@@ -63,8 +63,10 @@ def main() -> None:
                 rows.append(f"| {lang} | {label} | {len(a)} | {r['bleu1']:.1f} | {r['bleu4']:.1f} "
                             f"({r['ci']['bleu4'][0]:.1f}-{r['ci']['bleu4'][1]:.1f}) | {r['cider_d']:.1f} |")
             lo, hi = paired["delta_ci"]
+            clo, chi = paired["cider_d_delta_ci"]
             rows.append(f"| {lang} | full-size - 224x224 | | | {paired['bleu4_a'] - paired['bleu4_b']:+.1f} "
-                        f"({lo:+.1f} to {hi:+.1f}) | identical captions: {same:.0%} |")
+                        f"({lo:+.1f} to {hi:+.1f}) | {paired['cider_d_a'] - paired['cider_d_b']:+.1f} "
+                        f"({clo:+.1f} to {chi:+.1f}); identical captions: {same:.0%} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str))
     print("| lang | photos | n | BLEU-1 | BLEU-4 (95% CI) | CIDEr-D |\n|---|---|---|---|---|---|")

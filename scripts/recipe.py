@@ -81,14 +81,18 @@ def compare(args) -> None:
     refs_all = group_by_image(read_captions(find_pack(args.packs_dir[0], args.lang) / REFERENCES_FILE).captions)
     refs = {n: refs_all[n] for n in sides[0][0]["captions"]}
     pb = paired_bootstrap(*([r["captions"] for r in side] for side in sides), refs, args.lang, n=args.bootstrap)
-    for name, dirs, search, side, score, ci in (("a", args.packs_dir, args.search, sides[0], pb["bleu4_a"], pb["ci_a"]),
-                                                ("b", args.against, args.against_search, sides[1], pb["bleu4_b"], pb["ci_b"])):
+    for name, dirs, search, side in (("a", args.packs_dir, args.search, sides[0]),
+                                     ("b", args.against, args.against_search, sides[1])):
         runs = ", ".join(f"{d} ({r['bleu4']:.1f})" for d, r in zip(dirs, side)) if len(side) > 1 else str(dirs[0])
+        ci = pb[f"ci_{name}"]
         print(f"{args.lang}: {name} = {runs} ({search}): BLEU-1 {np.mean([r['bleu1'] for r in side]):.1f} "
-              f"BLEU-4 {score:.1f} ({ci[0]:.1f}-{ci[1]:.1f}), repeats {100 * np.mean([r['repetition'] for r in side]):.1f}%")
+              f"BLEU-4 {pb[f'bleu4_{name}']:.1f} ({ci[0]:.1f}-{ci[1]:.1f}), CIDEr-D {pb[f'cider_d_{name}']:.1f}, "
+              f"repeats {100 * np.mean([r['repetition'] for r in side]):.1f}%")
     lo, hi = pb["delta_ci"]
+    clo, chi = pb["cider_d_delta_ci"]
     print(f"{args.lang}: a - b BLEU-4 {pb['bleu4_a'] - pb['bleu4_b']:+.1f} (95% CI {lo:+.1f} to {hi:+.1f}); "
-          f"a better in {100 * pb['p_a_better']:.1f}% of {pb['n']} paired resamples of {pb['n_images']} images")
+          f"a better in {100 * pb['p_a_better']:.1f}% of {pb['n']} paired resamples of {pb['n_images']} images; "
+          f"CIDEr-D {pb['cider_d_a'] - pb['cider_d_b']:+.1f} (95% CI {clo:+.1f} to {chi:+.1f})")
 
 
 class _Ensemble:
@@ -149,8 +153,10 @@ def ensemble(args) -> None:
     if args.bootstrap:  # the ensemble against its members, scored by their mean BLEU-4 on the same resamples
         pb = paired_bootstrap(captions[-1], captions[:-1], refs, args.lang, n=args.bootstrap)
         lo, hi = pb["delta_ci"]
+        clo, chi = pb["cider_d_delta_ci"]
         print(f"{args.lang}: ensemble - members' mean BLEU-4 {pb['bleu4_a'] - pb['bleu4_b']:+.1f} "
-              f"(95% CI {lo:+.1f} to {hi:+.1f}); ensemble better in {100 * pb['p_a_better']:.1f}% of {pb['n']} resamples")
+              f"(95% CI {lo:+.1f} to {hi:+.1f}); ensemble better in {100 * pb['p_a_better']:.1f}% of {pb['n']} resamples; "
+              f"CIDEr-D {pb['cider_d_a'] - pb['cider_d_b']:+.1f} (95% CI {clo:+.1f} to {chi:+.1f})")
 
 
 def main() -> None:

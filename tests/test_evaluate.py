@@ -289,6 +289,11 @@ def test_paired_bootstrap_prefers_the_better_system():
     assert out["p_a_better"] > 0.99 and out["bleu4_a"] > out["bleu4_b"]
     assert out["ci_a"][0] <= out["bleu4_a"] <= out["ci_a"][1]
     assert out["delta_ci"][0] > 0
+    # CIDEr-D the same way: each side's full-sample score is corpus_bleu_scores', its difference clear of 0.
+    assert out["cider_d_a"] == pytest.approx(corpus_bleu_scores(good, refs, "en").cider_d)
+    assert out["cider_d_b"] == pytest.approx(corpus_bleu_scores(hyps, refs, "en").cider_d)
+    lo, hi = out["cider_d_delta_ci"]
+    assert 0 < lo < out["cider_d_a"] - out["cider_d_b"] < hi
     assert out == paired_bootstrap(good, hyps, refs, "en", n=300, seed=1)
     with pytest.raises(CapkitError, match="different images"):
         paired_bootstrap(good, {"0.jpg": "a dog"}, refs, "en")
@@ -305,6 +310,7 @@ def test_paired_bootstrap_averages_the_runs_of_a_side():
     alone = paired_bootstrap(other, hyps, refs, "en", n=200, seed=2)
     assert two["bleu4_a"] == pytest.approx((one["bleu4_a"] + alone["bleu4_a"]) / 2)
     assert two["bleu4_b"] == pytest.approx(one["bleu4_b"])
+    assert two["cider_d_a"] == pytest.approx((one["cider_d_a"] + alone["cider_d_a"]) / 2)
     assert (two["runs_a"], two["runs_b"]) == (2, 2)
     with pytest.raises(CapkitError, match="different images"):
         paired_bootstrap([good, {"0.jpg": "a dog"}], hyps, refs, "en")

@@ -209,6 +209,7 @@ def test_recipe_compare_scores_a_side_of_several_runs_by_their_mean(tiny_packs, 
     assert out[1].startswith(f"en: b = {tiny_packs} (3,0,0)")
     # The same pack twice, under the same search, is that pack: no difference on any resample.
     assert out[2].startswith("en: a - b BLEU-4 +0.0 (95% CI +0.0 to +0.0); a better in 0.0% of 50")
+    assert out[2].endswith("; CIDEr-D +0.0 (95% CI +0.0 to +0.0)") and "CIDEr-D" in out[0]
 
 
 def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tiny_dataset, capsys):
@@ -227,3 +228,4 @@ def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tin
     scores = {line.split(": ", 1)[1] for line in out[:3]}
     assert len(scores) == 1 and "CIDEr-D" in out[0]  # a pack with itself is that pack
     assert out[3].startswith("en: ensemble - members' mean BLEU-4 +0.0 (95% CI +0.0 to +0.0); ensemble better in 0.0% of 50")
+    assert out[3].endswith("; CIDEr-D +0.0 (95% CI +0.0 to +0.0)")

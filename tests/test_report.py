@@ -473,6 +473,11 @@ def test_evaluate_cli_json_has_every_score_baseline_and_interval(tiny_packs, tin
             lo, hi = system["ci"]["cider_d"]
             assert 0 <= lo <= system["cider_d"] <= hi
             assert system["bleu4_nobp"] >= system["bleu4"] - 1e-9 and not math.isnan(system["bleu1"])
+        for b in r["baselines"].values():  # the pack against each baseline, paired, in BLEU-4 and CIDEr-D
+            for key in ("delta_bleu4_ci", "delta_cider_d_ci"):
+                lo, hi = b["vs_pack"][key]
+                assert lo <= hi
+            assert 0 <= b["vs_pack"]["p_pack_better"] <= 1
         assert r["tokenization"] == ("chars" if r["lang"] == "zh" else "words")
         assert "smooth:none" in r["signature"] and "nltk:" in r["signature"] and "pack:1.0.0" in r["signature"]
         assert f"capkit-bleu:{SCORING_VERSION}" in r["signature"] and "cider-d:sigma6" in r["signature"]
@@ -483,6 +488,8 @@ def test_evaluate_cli_json_has_every_score_baseline_and_interval(tiny_packs, tin
     assert "CIDEr-D" in lines[0] and "CIDEr-D 95% CI" in lines[0]
     assert sum("baseline: constant" in ln for ln in lines) == 2 and sum("baseline: retrieval" in ln for ln in lines) == 2
     assert sum(ln.startswith("signature: ") for ln in lines) == 2
+    paired = [ln for ln in lines if ln.split(": ", 1)[-1].startswith("pack - ")]
+    assert len(paired) == 4 and all("paired resamples; CIDEr-D " in ln for ln in paired)
 
 
 def test_a_pack_scored_before_cider_d_still_lists_and_evaluates(tiny_packs, tiny_dataset, tmp_path):

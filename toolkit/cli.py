@@ -418,8 +418,10 @@ def evaluate(
             for name, b in r["baselines"].items():
                 if "vs_pack" in b:
                     lo, hi = b["vs_pack"]["delta_bleu4_ci"]
+                    clo, chi = b["vs_pack"]["delta_cider_d_ci"]
                     typer.echo(f"{r['lang']}: pack - {name} BLEU-4 = {r['bleu4'] - b['bleu4']:+.1f} (95% CI {lo:+.1f} to {hi:+.1f}); "
-                               f"pack better in {100 * b['vs_pack']['p_pack_better']:.1f}% of {bootstrap} paired resamples")
+                               f"pack better in {100 * b['vs_pack']['p_pack_better']:.1f}% of {bootstrap} paired resamples; "
+                               f"CIDEr-D {r['cider_d'] - b['cider_d']:+.1f} (95% CI {clo:+.1f} to {chi:+.1f})")
 
 
 @app.command("report")

@@ -282,19 +282,21 @@ def _resample_weights(rng: np.random.Generator, n_images: int, n: int, chunk: in
 
 
 def _bootstrap_scores(stats: np.ndarray, n: int, seed: int, others: Sequence[np.ndarray] = (),
-                      cider: np.ndarray | None = None):
+                      cider: np.ndarray | None = None, others_cider: Sequence[np.ndarray] = ()):
     """Scores (n, 8) of `stats` and of each of `others` on the same resamples;
     with `cider` (the per-image CIDEr-D of `stats`' system) the first gets a
-    ninth column, its mean over each resample's images."""
+    ninth column, its mean over each resample's images, and so do `others`
+    with `others_cider` (one per-image array each)."""
     if n < 1:
         raise CapkitError(f"bootstrap needs at least 1 resample, got {n}")
     rng = np.random.default_rng(seed)
     chunk = max(1, 4_000_000 // len(stats))  # bounds the (chunk, images) count matrix
+    ciders = [cider, *others_cider, *[None] * (len(others) - len(others_cider))]
     out: list[list[np.ndarray]] = [[] for _ in range(1 + len(others))]
     for w in _resample_weights(rng, len(stats), n, chunk):
-        for i, s in enumerate((stats, *others)):
+        for i, (s, c) in enumerate(zip((stats, *others), ciders)):
             bleu, nobp = _scores_from_sums(w @ s)  # float64 sums of ints: exact below 2**53
-            cols = [bleu, nobp] + ([(w @ cider / len(stats))[:, None]] if i == 0 and cider is not None else [])
+            cols = [bleu, nobp] + ([(w @ c / len(stats))[:, None]] if c is not None else [])
             out[i].append(np.concatenate(cols, axis=1))
     return [np.concatenate(o) for o in out]
 
@@ -378,8 +380,9 @@ def paired_bootstrap(
     averages out.
 
     Returns {"bleu4_a", "bleu4_b", "ci_a", "ci_b", "delta_ci" (a - b),
-    "p_a_better" (share of resamples where a's BLEU-4 is higher), "n",
-    "n_images", "runs_a", "runs_b"}.
+    "p_a_better" (share of resamples where a's BLEU-4 is higher),
+    "cider_d_a", "cider_d_b", "cider_d_delta_ci" (CIDEr-D the same way, document
+    frequencies those of all the images), "n", "n_images", "runs_a", "runs_b"}.
     """
     sides = [[h] if isinstance(h, Mapping) else list(h) for h in (hyps_a, hyps_b)]
     if not sides[0] or not sides[1]:
@@ -392,15 +395,20 @@ def paired_bootstrap(
                 f"the systems captioned different images ({len(only)} differ: {', '.join(only[:5])})",
                 hint="compare systems on the same images",
             )
-    stats = []
+    stats, tokens = [], []
     for hyps in runs:
         _, h, r = _prepare(hyps, references, lang)
         stats.append(np.array([_image_stats(x, y) for x, y in zip(h, r)], dtype=np.int64))
-    b4 = SCORE_NAMES.index("bleu4")
+        tokens.append(h)
+    cider_d = CiderD(r)  # every run has the same images, so the same references and document frequencies
+    ciders = [cider_d.score(h, range(len(h))) for h in tokens]
+    b4, cd = SCORE_NAMES.index("bleu4"), -1
     k = len(sides[0])
-    resampled = [s[:, b4] for s in _bootstrap_scores(stats[0], n, seed, others=stats[1:])]
-    a, b = np.mean(resampled[:k], axis=0), np.mean(resampled[k:], axis=0)
+    resampled = _bootstrap_scores(stats[0], n, seed, others=stats[1:], cider=ciders[0], others_cider=ciders[1:])
+    a, b = (np.mean([s[:, b4] for s in part], axis=0) for part in (resampled[:k], resampled[k:]))
+    ca, cb = (np.mean([s[:, cd] for s in part], axis=0) for part in (resampled[:k], resampled[k:]))
     full = [_scores_from_sums(s.sum(axis=0))[0][b4] for s in stats]
+    mean_cider = [float(c.mean()) for c in ciders]
     return {
         "bleu4_a": float(np.mean(full[:k])),
         "bleu4_b": float(np.mean(full[k:])),
@@ -408,6 +416,9 @@ def paired_bootstrap(
         "ci_b": _interval(b),
         "delta_ci": _interval(a - b),
         "p_a_better": float(np.mean(a > b)),
+        "cider_d_a": float(np.mean(mean_cider[:k])),
+        "cider_d_b": float(np.mean(mean_cider[k:])),
+        "cider_d_delta_ci": _interval(ca - cb),
         "n": n,
         "n_images": len(stats[0]),
         "runs_a": k,

@@ -158,5 +158,6 @@ def _baselines(captioner: Captioner, lang: str, images_dir: Path, hyps: dict, re
         captions["constant"] = {n: const for n in names}
         for name, caps in captions.items():
             pb = paired_bootstrap(hyps, caps, refs, lang, n=bootstrap)
-            out[name]["vs_pack"] = {"p_pack_better": pb["p_a_better"], "delta_bleu4_ci": pb["delta_ci"]}
+            out[name]["vs_pack"] = {"p_pack_better": pb["p_a_better"], "delta_bleu4_ci": pb["delta_ci"],
+                                    "delta_cider_d_ci": pb["cider_d_delta_ci"]}
     return out
