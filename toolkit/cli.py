@@ -782,8 +782,13 @@ def main() -> None:
         code = e.exit_code
     except typer.Abort:  # EOF at a prompt (and Ctrl-C in older typer)
         code = 130
-    except typer.TyperException as e:  # usage errors: unknown option, missing argument (click's own format)
-        e.show()
+    except typer.TyperException as e:
+        # Usage errors (unknown option, missing argument, a value of the wrong type) in capkit's form; typer's
+        # copy of click names the class as click does, so it is found by name.
+        if any(c.__name__ == "UsageError" for c in type(e).__mro__):
+            _usage_error(e)
+        else:
+            e.show()
         sys.exit(e.exit_code)
     except OSError as e:  # the disk or the system refused, somewhere no check names it more precisely
         if debug:
@@ -806,6 +811,20 @@ def main() -> None:
                    "run the same command to resume", err=True)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _usage_error(e) -> None:
+    """click's usage error in capkit's one-line form, the hint naming the command's --help."""
+    message = e.format_message().strip().rstrip(".")
+    # The command names in argv (click's context may not exist yet, and names `python -m pytest` under tests).
+    group, names = typer.main.get_command(app), ["capkit"]
+    for word in (w for w in sys.argv[1:] if w != "--debug"):
+        group = getattr(group, "commands", {}).get(word)
+        if group is None:
+            break
+        names.append(word)
+    command = " ".join(names)
+    _error(message[:1].lower() + message[1:], f"`{command} --help` lists its options and arguments")
 
 
 def _close_progress() -> None:
