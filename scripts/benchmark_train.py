@@ -96,6 +96,9 @@ def step_flops(cfg, n_captions: int, n_images: int, padded_len: float, grid_cell
     (P x 2048 x U), keys (P x U x U) and initial state (2 x U x U). The
     attention loop runs only captions still going (`real_len` tokens each);
     its embedding's share of the gates and the head run over `padded_len`.
+    With `attention_feed="output"` there is no such loop: the LSTM, the
+    query, the scores and the context (P x U each, per caption) run over
+    `padded_len`.
     Elementwise work (gates' sigmoids, tanh over P x U energies, softmax) is
     not counted: FLOPs here are what sgemm could do.
     """
@@ -105,13 +108,16 @@ def step_flops(cfg, n_captions: int, n_images: int, padded_len: float, grid_cell
         return 3 * 2 * (tokens * ((E + U) * 4 * U + U * V) + n_images * 2 * D * U)
     if cfg.architecture == "merge":
         return 3 * 2 * (tokens * ((E + U) * 4 * U + U * U + U * V) + n_images * D * U)
+    head = (2 * U * E + E * V) if cfg.deep_output else 2 * U * V
+    per_image = P * D * U + P * U * U + 2 * U * U
+    if cfg.attention_feed == "output":  # the LSTM over every padded token, then query, scores and context per token
+        per_token = (E + U) * 4 * U + U * U + 2 * P * U + head
+        return 3 * 2 * (tokens * per_token + n_images * per_image)
     grouped = cfg.attention_score == "dot" and n_images < n_captions
     cells = n_images * P if grouped else P
     loop_tokens = n_captions * (real_len or padded_len)
-    head = (2 * U * E + E * V) if cfg.deep_output else 2 * U * V
     per_loop_token = U * U + 2 * cells * U + 2 * U * 4 * U
     per_token = E * 4 * U + head
-    per_image = P * D * U + P * U * U + 2 * U * U
     return 3 * 2 * (loop_tokens * per_loop_token + tokens * per_token + n_images * per_image)
 
 

@@ -112,19 +112,22 @@ def tiny_attention_data(seed=0, n=16, positions=4, fdim=8, vocab=20):
 
 
 @pytest.mark.parametrize("score", ["additive", "dot"])
-def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path, score):
+@pytest.mark.parametrize("feed", ["input", "output"])
+def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path, score, feed):
     import tensorflow as tf
 
     from toolkit.config import DecoderConfig, TrainConfig
-    from toolkit.decoder import AttentionDecoder, load_decoder, save_decoder, train_decoder
+    from toolkit.decoder import AttentionDecoder, OutputAttentionDecoder, load_decoder, save_decoder, train_decoder
     from toolkit.tokenizer import BOS_ID
 
     grids, seqs = tiny_attention_data()
     cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
-                        max_length=8, deep_output=True, attention_score=score)
+                        max_length=8, deep_output=True, attention_score=score, attention_feed=feed)
     model, state = train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2),
                                  tmp_path / "ck")
     assert isinstance(model, AttentionDecoder)
+    assert isinstance(model, OutputAttentionDecoder) == (feed == "output")
+    assert state["history"][-1]["loss"] < state["history"][0]["loss"]
     _, inputs, _ = seqs.arrays(8)
     inputs = inputs[:5]
     # Step by step (inference) equals the whole-sequence pass (training), token for token.
@@ -186,19 +189,55 @@ def test_attention_unroll_computes_what_the_plain_cell_loop_did(score):
     np.testing.assert_allclose(grouped.numpy()[real], want[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [5, 8, 64])
-def test_batches_by_image_hold_each_caption_once_with_its_own_image(batch):
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_output_attention_computes_what_a_loop_of_cell_then_attention_does(score):
+    """attention_feed="output": the LSTM over the sequence, then batched attention, equals step-by-step cell + attend.
+
+    Reference: one keras LSTMCell call per step on the word alone, then the
+    attention of the new h over its own image's annotations, then the head.
+    """
+    import tensorflow as tf
+
+    from toolkit.config import DecoderConfig
+    from toolkit.decoder import OutputAttentionDecoder, decoder_class
+
+    grids, seqs = tiny_attention_data(3)
+    cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
+                        max_length=8, attention_score=score, attention_feed="output")
+    assert decoder_class(cfg) is OutputAttentionDecoder
+    model = OutputAttentionDecoder(cfg).build_all(8)
+    _, inputs, _ = seqs.arrays(8)
+    feats = grids[seqs.image_index]
+    h, c, a, keys = model.initial_state(feats)
+    x = model.embed(inputs)
+    logits, alphas = [], []
+    for t in range(inputs.shape[1]):
+        _, (h, c) = model.lstm.cell(x[:, t], [h, c])
+        alpha, context = model._attend(h, a, keys)
+        logits.append(model._logits(h, context, x[:, t])), alphas.append(alpha)
+    real = inputs != 0
+    got, maps = model._unroll(feats, inputs)
+    np.testing.assert_allclose(got.numpy()[real], tf.stack(logits, 1).numpy()[real], atol=1e-5)
+    np.testing.assert_allclose(maps.numpy()[real], tf.stack(alphas, 1).numpy()[real], atol=1e-6)
+    grouped, _ = model._unroll(grids, inputs, rows=tf.constant(seqs.image_index))
+    np.testing.assert_allclose(grouped.numpy()[real], got.numpy()[real], atol=1e-5)
+    # No cell of the input-fed decoder's shape: the LSTM reads the embedding alone.
+    assert model.lstm.cell.kernel.shape == (8, 64)
+
+
+@pytest.mark.parametrize("batch,feed", [(5, "input"), (8, "input"), (64, "input"), (8, "output")])
+def test_batches_by_image_hold_each_caption_once_with_its_own_image(batch, feed):
     """Grouped batches: every caption once an epoch, its image's features once a batch, and the same logits."""
     import tensorflow as tf
 
     from toolkit.config import DecoderConfig
-    from toolkit.decoder import AttentionDecoder, training_dataset
+    from toolkit.decoder import decoder_class, training_dataset
 
     grids, seqs = tiny_attention_data()
     cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
-                        max_length=8)
+                        max_length=8, attention_feed=feed)
     _, inputs, targets = seqs.arrays(8)
-    model = AttentionDecoder(cfg).build_all(8)
+    model = decoder_class(cfg)(cfg).build_all(8)
     seen = []
     for (feats, x, rows), y in training_dataset(grids, seqs, cfg, batch, shuffle=True, seed=1):
         feats, x, rows, y = feats.numpy(), x.numpy(), rows.numpy(), y.numpy()
@@ -265,7 +304,7 @@ def test_attention_pack_resumes_and_names_its_architecture(attention_packs):
     m = load_manifest(packs / "en")
     assert m["decoder"]["architecture"] == "attention" and load_manifest(packs / "zh")["decoder"]["architecture"] == "lstm"
     assert verify_files(packs / "en", m) == []
-    assert "attending over the feature grid" in (packs / "en" / MODEL_CARD_FILE).read_text()
+    assert "attending (before each word) over the feature grid" in (packs / "en" / MODEL_CARD_FILE).read_text()
     for system in ("model", "retrieval", "constant"):
         assert 0 <= m["scores"]["test"][system]["bleu4"] <= 100
     enc = Encoder.load(packs, m["encoder"]["id"])
@@ -309,6 +348,29 @@ def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tin
     np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
 
 
+def test_an_output_fed_attention_pack_records_its_feed_and_captions_as_it_scored(attention_packs, tiny_dataset, tmp_path):
+    """`attention_feed="output"` end to end: manifest, model card, the compiled search and the pack's own score."""
+    import shutil
+
+    from conftest import build_tiny_pack
+    from toolkit.decoder import OutputAttentionDecoder
+    from toolkit.pack import MODEL_CARD_FILE, load_manifest
+    from toolkit.pipeline import caption_images, evaluate_packs, load_pack
+
+    packs = tmp_path / "packs"
+    shutil.copytree(attention_packs[0] / ".encoders", packs / ".encoders")  # features and grids cached: nothing extracted
+    build_tiny_pack("en", tiny_dataset, packs, decoder=dict(architecture="attention", attention_feed="output"))
+    m = load_manifest(packs / "en")
+    assert (m["decoder"]["architecture"], m["decoder"]["attention_feed"]) == ("attention", "output")
+    assert "attending (after each word's LSTM step)" in (packs / "en" / MODEL_CARD_FILE).read_text()
+    en = load_pack(packs, "en")
+    assert en.needs_grid and isinstance(en.step.decoder, OutputAttentionDecoder)
+    out = caption_images(sorted(tiny_dataset["images"].iterdir())[:3], ["en"], packs, beam=2)
+    assert len(out.rows) == 3 and not out.failures
+    (r,) = evaluate_packs(["en"], packs, tiny_dataset["images"], tiny_dataset["test"])
+    assert r["bleu4"] == pytest.approx(m["scores"]["test"]["model"]["bleu4"], abs=1e-6)
+
+
 def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
     import sys
 
@@ -318,25 +380,29 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
 
     got = []
 
-    def fake_build(*args, decoder_config, **kw):
-        got.append(decoder_config.architecture)
-        raise CapkitError("stopped here")
-
-    monkeypatch.setattr(toolkit.build, "build_pack", fake_build)
     base = ["capkit", "build-pack", "en", "--captions", str(tiny_dataset["captions_en"]), "--images",
             str(tiny_dataset["images"]), "--train-split", str(tiny_dataset["train"]), "--dev-split", str(tiny_dataset["dev"]),
             "--packs-dir", str(tmp_path)]
-    for flags, want in (([], "lstm"), (["--decoder", "attention"], "attention"), (["--decoder", "merge"], "merge"),
-                        (["--decoder", "transformer"], None)):
+
+    def fake_build(*args, decoder_config, **kw):
+        got.append((decoder_config.architecture, decoder_config.attention_feed))
+        raise CapkitError("stopped here")
+
+    monkeypatch.setattr(toolkit.build, "build_pack", fake_build)
+    for flags, want in (([], ("lstm", "input")), (["--decoder", "attention"], ("attention", "input")),
+                        (["--decoder", "merge"], ("merge", "input")),
+                        (["--decoder", "attention", "--attention-feed", "output"], ("attention", "output")),
+                        (["--decoder", "transformer"], "--decoder must be one of lstm, attention, merge, not 'transformer'"),
+                        (["--attention-feed", "after"], "--attention-feed must be one of input, output, not 'after'")):
         monkeypatch.setattr(sys, "argv", base + flags)
         with pytest.raises(SystemExit) as e:
             main()
         assert e.value.code != 0
         err = capsys.readouterr().err
-        if want:
+        if isinstance(want, tuple):
             assert got.pop() == want and "stopped here" in err
         else:
-            assert "--decoder must be one of lstm, attention, merge, not 'transformer'" in err and not got
+            assert want in err and not got
 
 
 # -- the report's heat maps ---------------------------------------------------------------

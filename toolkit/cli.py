@@ -197,6 +197,10 @@ def build_pack(
     attention_score: str = typer.Option(DecoderConfig.attention_score, "--attention-score",
                                         help="attention only: additive (Bahdanau's, the paper's) or dot (scaled dot product; "
                                         "trains faster, not yet measured for quality on the full split)."),
+    attention_feed: str = typer.Option(DecoderConfig.attention_feed, "--attention-feed",
+                                       help="attention only: input (the context enters the LSTM's next step, Show, Attend "
+                                       "and Tell) or output (the LSTM's current state looks, the context joins it at the "
+                                       "head; no loop of its own in training)."),
     patience: int = typer.Option(TrainConfig.patience, "--patience", help="Epochs without dev improvement before stopping."),
     min_delta: float = typer.Option(TrainConfig.min_delta, "--min-delta",
                                     help="Smallest dev-loss fall that counts as an improvement."),
@@ -223,7 +227,7 @@ def build_pack(
                                       "(every machine of the TF_CONFIG cluster; run the same command on each)."),
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
-    from toolkit.config import (ATTENTION_SCORES, DECODER_ARCHITECTURES, LR_SCHEDULES, PRECISIONS,
+    from toolkit.config import (ATTENTION_FEEDS, ATTENTION_SCORES, DECODER_ARCHITECTURES, LR_SCHEDULES, PRECISIONS,
                                 SELF_CRITICAL_LR_SCHEDULES, TOKENIZER_MODELS)
 
     _check_lang(lang)
@@ -258,6 +262,8 @@ def build_pack(
         raise CapkitError(f"--min-delta must be 0 or more, not {min_delta}")
     if attention_score not in ATTENTION_SCORES:
         raise CapkitError(f"--attention-score must be one of {', '.join(ATTENTION_SCORES)}, not {attention_score!r}")
+    if attention_feed not in ATTENTION_FEEDS:
+        raise CapkitError(f"--attention-feed must be one of {', '.join(ATTENTION_FEEDS)}, not {attention_feed!r}")
     if not attention_reg >= 0:
         raise CapkitError(f"--attention-reg must be 0 or more, not {attention_reg}")
     if not 0 <= label_smoothing < 1:
@@ -292,7 +298,7 @@ def build_pack(
         encoder_config=_encoder_config(weights, image_size, 32, "bfloat16" if precision == "bfloat16" else "float32"),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout, attention_reg=attention_reg, attention_score=attention_score,
-                                     tokenizer=tokenizer),
+                                     attention_feed=attention_feed, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy,

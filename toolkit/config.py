@@ -34,6 +34,7 @@ class EncoderConfig:
 
 DECODER_ARCHITECTURES = ("lstm", "attention", "merge")
 ATTENTION_SCORES = ("dot", "additive")
+ATTENTION_FEEDS = ("input", "output")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 SELF_CRITICAL_LR_SCHEDULES = ("constant", "cosine")
 # TrainConfig.precision and EncoderConfig.precision; the weights, and every pack, stay float32.
@@ -78,6 +79,11 @@ class DecoderConfig:
                                 # shorter on a CPU, its dev loss on the full split not yet measured (docs/experiments.md)
     deep_output: bool = False   # attention only: the head reads tanh(W [h, context] + word embedding), the
                                 # paper's deep output, instead of [h, context]
+    attention_feed: str = "input"  # attention only: where the context goes. "input": into the LSTM's next step, the
+                                # query being the previous h (Show, Attend and Tell), a serial loop per word; "output":
+                                # the LSTM reads the words alone and its current h queries the grid, the context
+                                # joining h at the head (Lu et al. 2017's spatial attention): every word's attention is
+                                # one batched product after a plain LSTM, so teacher forcing runs as fast as the lstm's
 
 
 # Self-critical epochs a build runs unless told otherwise: on the full Flickr8k split, two seeds a language,
@@ -142,7 +148,7 @@ SEARCH = SearchConfig()
 # other missing field is still an error.
 ADDED_FIELDS = {
     "DecoderConfig": {"architecture": "lstm", "attention_reg": 1.0, "deep_output": False, "tokenizer": "unigram",
-                      "attention_score": "additive"},
+                      "attention_score": "additive", "attention_feed": "input"},
     "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0,
                     "self_critical_epochs": 0, "self_critical_lr": 5e-4, "self_critical_samples": 5,
                     "self_critical_lr_schedule": "constant", "precision": "auto",

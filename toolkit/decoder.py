@@ -5,7 +5,10 @@ Three architectures, chosen by `DecoderConfig.architecture`:
 - "lstm" (`CaptionDecoder`): the pooled image vector enters as the LSTM's
   initial state (normalised features -> Dense -> h0, c0);
 - "attention" (`AttentionDecoder`): Show, Attend and Tell; the LSTM looks
-  at the encoder's feature grid afresh for every word;
+  at the encoder's feature grid afresh for every word; with
+  `attention_feed="output"` (`OutputAttentionDecoder`) it looks after each
+  word's LSTM step instead of before, so teacher forcing needs no loop of
+  its own;
 - "merge" (`MergeDecoder`): the classic tutorials' design, the image vector
   added to the LSTM's output; the reference point the others must beat.
 
@@ -143,10 +146,13 @@ class AttentionDecoder(keras.Model):
         self.att_score = keras.layers.Dense(1, use_bias=False) if c.attention_score == "additive" else None  # v
         self.embed = keras.layers.Embedding(c.vocab_size, c.embed_dim)
         self.emb_drop = keras.layers.Dropout(c.dropout)
-        self.cell = keras.layers.LSTMCell(c.units)  # its weights; `_gates` computes what its call would
+        self._recurrent_layers()
         self.deep = keras.layers.Dense(c.embed_dim) if c.deep_output else None
         self.out_drop = keras.layers.Dropout(c.dropout)
         self.head = keras.layers.Dense(c.vocab_size, dtype="float32")  # float32 logits under mixed precision
+
+    def _recurrent_layers(self):
+        self.cell = keras.layers.LSTMCell(self.config.units)  # its weights; `_gates` computes what its call would
 
     def initial_state(self, features, training=False):
         """features (n, P, feature_dim) -> (h, c, annotations (n, P, units), keys (n, P, units))."""
@@ -293,6 +299,46 @@ class AttentionDecoder(keras.Model):
         return self
 
 
+class OutputAttentionDecoder(AttentionDecoder):
+    """The attention decoder with `attention_feed="output"`: the LSTM first, the attention after it.
+
+    Lu et al. 2017 ("Knowing when to look", their spatial attention without
+    the sentinel) and Luong et al. 2015: the LSTM reads the words alone,
+    from the same h0, c0 (the annotations' mean); its current state h_t
+    queries the annotations, and the head reads [h_t, context_t] (or the
+    deep output). Since no step's input waits for an attention, teacher
+    forcing is the lstm decoder's LSTM over the whole sequence, then every
+    word's scores and context for the whole batch in two batched products:
+    no loop of the model's own. Same state for decoding (h, c, annotations,
+    keys), same scores, penalty and attention maps as `AttentionDecoder`.
+    """
+
+    def _recurrent_layers(self):
+        self.lstm = keras.layers.LSTM(self.config.units, return_sequences=True)
+
+    def _unroll(self, features, tokens, training=False, rows=None):
+        """Teacher forcing: (logits (n, T, vocab), alphas (n, T, P)); `rows` as in `AttentionDecoder._unroll`."""
+        h, c, a, keys = self.initial_state(features, training)
+        if rows is not None:  # per-image work done once per image; each caption reads its own (a copy, n x P x units)
+            h, c, a, keys = (tf.gather(v, rows) for v in (h, c, a, keys))
+        x = self.emb_drop(self.embed(tokens), training=training)
+        hs = self.lstm(x, initial_state=[h, c], mask=tokens != PAD_ID, training=training)  # (n, T, units)
+        q = self.att_query(hs)
+        if self.att_score is not None:
+            e = self.att_score(tf.tanh(keys[:, None] + q[:, :, None]))[..., 0]
+        else:
+            e = tf.einsum("ntu,npu->ntp", q, keys) * (self.config.units ** -0.5)
+        alphas = tf.nn.softmax(e, axis=-1)
+        return self._logits(hs, tf.einsum("ntp,npu->ntu", alphas, a), x, training), alphas
+
+    def step(self, tokens, h, c, a, keys):
+        """One token per row -> (log-probabilities of the next token, h, c, annotations, keys)."""
+        x = self.embed(tokens)
+        _, (h, c) = self.lstm.cell(x, [h, c])
+        _, context = self._attend(h, a, keys)
+        return tf.nn.log_softmax(tf.cast(self._logits(h, context, x), tf.float32)), h, c, a, keys
+
+
 def _update_prefix(old, new):
     """`old` with its first len(new) rows replaced by `new`, keeping old's static shape (a while_loop invariant)."""
     out = tf.concat([new, old[tf.shape(new)[0]:]], 0)
@@ -346,7 +392,11 @@ assert tuple(DECODERS) == DECODER_ARCHITECTURES
 
 
 def decoder_class(config: DecoderConfig):
-    """The class `config.architecture` names."""
+    """The class `config.architecture` names (for attention, `config.attention_feed` picks which)."""
+    if config.architecture == "attention" and config.attention_feed != "input":
+        if config.attention_feed != "output":
+            raise CapkitError(f"unknown attention feed {config.attention_feed!r}", hint="use input or output")
+        return OutputAttentionDecoder
     try:
         return DECODERS[config.architecture]
     except KeyError:

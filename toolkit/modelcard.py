@@ -13,7 +13,10 @@ from toolkit.pack import MODEL_CARD_FILE, architecture, atomic_write_text
 def write_model_card(folder: Path, m: dict) -> None:
     """`folder`/README.md: what the pack of manifest `m` is, how it was trained, its scores and limits."""
     d, t, dc, tc = m["data"], m["training"], m["decoder"], m["train"]
-    kind = "LSTM decoder attending over the feature grid of the" if architecture(m) == "attention" else "LSTM decoder over the"
+    kind = "LSTM decoder over the"
+    if architecture(m) == "attention":
+        looks = "after each word's LSTM step" if dc.get("attention_feed", "input") == "output" else "before each word"
+        kind = f"LSTM decoder attending ({looks}) over the feature grid of the"
     lines = [
         f"# capkit language pack: {m['lang']}", "",
         f"Image captions in `{m['lang']}` from a {m['decoder']['units']}-unit {kind} shared "
