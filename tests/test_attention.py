@@ -385,13 +385,14 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
             "--packs-dir", str(tmp_path)]
 
     def fake_build(*args, decoder_config, **kw):
-        got.append((decoder_config.architecture, decoder_config.attention_feed))
+        got.append((decoder_config.architecture, decoder_config.attention_feed, decoder_config.deep_output))
         raise CapkitError("stopped here")
 
     monkeypatch.setattr(toolkit.build, "build_pack", fake_build)
-    for flags, want in (([], ("lstm", "input")), (["--decoder", "attention"], ("attention", "input")),
-                        (["--decoder", "merge"], ("merge", "input")),
-                        (["--decoder", "attention", "--attention-feed", "output"], ("attention", "output")),
+    for flags, want in (([], ("lstm", "input", False)), (["--decoder", "attention"], ("attention", "input", False)),
+                        (["--decoder", "merge"], ("merge", "input", False)),
+                        (["--decoder", "attention", "--attention-feed", "output", "--deep-output"],
+                         ("attention", "output", True)),
                         (["--decoder", "transformer"], "--decoder must be one of lstm, attention, merge, not 'transformer'"),
                         (["--attention-feed", "after"], "--attention-feed must be one of input, output, not 'after'")):
         monkeypatch.setattr(sys, "argv", base + flags)

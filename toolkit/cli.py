@@ -201,6 +201,9 @@ def build_pack(
                                        help="attention only: input (the context enters the LSTM's next step, Show, Attend "
                                        "and Tell) or output (the LSTM's current state looks, the context joins it at the "
                                        "head; no loop of its own in training)."),
+    deep_output: bool = typer.Option(DecoderConfig.deep_output, "--deep-output/--no-deep-output",
+                                     help="attention only: the head reads tanh(W (h, context) + word embedding) "
+                                     "(Show, Attend and Tell's deep output) instead of h and the context; a smaller head."),
     patience: int = typer.Option(TrainConfig.patience, "--patience", help="Epochs without dev improvement before stopping."),
     min_delta: float = typer.Option(TrainConfig.min_delta, "--min-delta",
                                     help="Smallest dev-loss fall that counts as an improvement."),
@@ -298,7 +301,7 @@ def build_pack(
         encoder_config=_encoder_config(weights, image_size, 32, "bfloat16" if precision == "bfloat16" else "float32"),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout, attention_reg=attention_reg, attention_score=attention_score,
-                                     attention_feed=attention_feed, tokenizer=tokenizer),
+                                     attention_feed=attention_feed, deep_output=deep_output, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy,
