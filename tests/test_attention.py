@@ -251,7 +251,8 @@ def test_batches_by_image_hold_each_caption_once_with_its_own_image(batch, feed)
     assert sorted(seen) == list(range(len(inputs)))
 
 
-def test_attention_decoder_trains_in_mixed_precision(tmp_path):
+@pytest.mark.parametrize("feed", ["input", "output"])
+def test_attention_decoder_trains_in_mixed_precision(tmp_path, feed):
     """The GPU path (mixed_float16) on the CPU: the loop's tensors in float16, a plain float32 model back."""
     from toolkit import decoder as dec
     from toolkit.config import DecoderConfig, TrainConfig
@@ -259,7 +260,7 @@ def test_attention_decoder_trains_in_mixed_precision(tmp_path):
 
     grids, seqs = tiny_attention_data(1)
     cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.1,
-                        max_length=8)
+                        max_length=8, attention_feed=feed)
     model, state = dec.train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2,
                                                                                 precision="float16"), tmp_path)
     assert {w.dtype for w in model.weights if "float" in w.dtype} == {"float32"}
