@@ -147,3 +147,28 @@ def test_a_cosine_schedule_decays_the_rate_to_zero_over_every_epoch_and_survives
     _, resumed = sc.fine_tune(_model(tokenizer, feats), feats, refs, feats, refs, tokenizer, "en",
                               TrainConfig(**{**tc.__dict__, "self_critical_epochs": 2}), tmp_path / "split")
     assert resumed["history"][-1]["lr"] == pytest.approx(first["history"][-1]["lr"], rel=1e-6)
+
+
+def test_fine_tuning_an_output_fed_attention_decoder_on_grids(tokenizer, tmp_path):
+    """Self-critical steps replay samples through the attention decoder's batched teacher forcing, on grids."""
+    import keras
+
+    feats, refs = _task(12)
+    dev_feats, dev_refs = _task(3, seed=1)
+    grids, dev_grids = (np.stack([f, 0.5 * f], axis=1) for f in (feats, dev_feats))  # (n, 2 cells, 8)
+    keras.utils.set_random_seed(0)
+    cfg = DecoderConfig(architecture="attention", attention_feed="output", attention_score="dot", vocab_size=tokenizer.vocab_size,
+                        feature_dim=8, embed_dim=16, units=32, dropout=0.0, max_length=8)
+    model = dec.training_model(cfg, TrainConfig(), grids)
+    tc = TrainConfig(self_critical_epochs=4, self_critical_lr=3e-2, self_critical_samples=4, self_critical_batch=12)
+    model, state = sc.fine_tune(model, grids, refs, dev_grids, dev_refs, tokenizer, "en", tc, tmp_path / "sc")
+    history = state["history"]
+    assert isinstance(model, dec.OutputAttentionDecoder)
+    assert history[-1]["reward"] > 2 * history[1]["reward"]
+    best = max(history, key=lambda h: h["dev_cider_d"])
+    assert state["best_epoch"] == best["epoch"] > 0
+    from toolkit.generate import beam_search_tf
+
+    ids = beam_search_tf(model, dev_grids, BOS_ID, EOS_ID, beam=1, max_length=8)
+    hyps = [bleu_tokenize(t, "en") for t in tokenizer.decode(ids)]
+    assert CiderD(dev_refs).score(hyps, range(len(hyps))).mean() == pytest.approx(best["dev_cider_d"], abs=1e-6)
