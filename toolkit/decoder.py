@@ -177,13 +177,18 @@ class AttentionDecoder(keras.Model):
 
     def _attend(self, h, a, keys):
         """Each row against its own image: a, keys (n, P, units) -> (alpha (n, P), context (n, units))."""
-        q = self.att_query(h)
+        alpha, context = self._attend_steps(h[:, None], a, keys)
+        return alpha[:, 0], context[:, 0]
+
+    def _attend_steps(self, hs, a, keys):
+        """Every step's state against its row's image: hs (n, T, units) -> (alphas (n, T, P), contexts (n, T, units))."""
+        q = self.att_query(hs)
         if self.att_score is not None:
-            e = self.att_score(tf.tanh(keys + q[:, None, :]))[..., 0]
+            e = self.att_score(tf.tanh(keys[:, None] + q[:, :, None]))[..., 0]
         else:
-            e = tf.einsum("nu,npu->np", q, keys) * (self.config.units ** -0.5)
-        alpha = tf.nn.softmax(e, axis=-1)
-        return alpha, tf.einsum("np,npu->nu", alpha, a)
+            e = tf.einsum("ntu,npu->ntp", q, keys) * (self.config.units ** -0.5)
+        alphas = tf.nn.softmax(e, axis=-1)
+        return alphas, tf.einsum("ntp,npu->ntu", alphas, a)
 
     def _attend_images(self, h, a, keys, own):
         """Rows against a batch of images: a, keys (m, P, units), own (n, m) one-hot -> (alpha (n, P), context).
@@ -323,13 +328,8 @@ class OutputAttentionDecoder(AttentionDecoder):
             h, c, a, keys = (tf.gather(v, rows) for v in (h, c, a, keys))
         x = self.emb_drop(self.embed(tokens), training=training)
         hs = self.lstm(x, initial_state=[h, c], mask=tokens != PAD_ID, training=training)  # (n, T, units)
-        q = self.att_query(hs)
-        if self.att_score is not None:
-            e = self.att_score(tf.tanh(keys[:, None] + q[:, :, None]))[..., 0]
-        else:
-            e = tf.einsum("ntu,npu->ntp", q, keys) * (self.config.units ** -0.5)
-        alphas = tf.nn.softmax(e, axis=-1)
-        return self._logits(hs, tf.einsum("ntp,npu->ntu", alphas, a), x, training), alphas
+        alphas, contexts = self._attend_steps(hs, a, keys)  # every word's at once: nothing waits for them
+        return self._logits(hs, contexts, x, training), alphas
 
     def step(self, tokens, h, c, a, keys):
         """One token per row -> (log-probabilities of the next token, h, c, annotations, keys)."""
