@@ -76,15 +76,16 @@ class DecoderConfig:
                                 # to be looked at over a caption (Show, Attend and Tell's lambda); 0 turns it off
     attention_score: str = "additive"  # attention only: "additive" (Bahdanau's v . tanh(W a + W h), the paper's)
                                 # or "dot" (scaled dot product of query and key): products only, an epoch 1.24x
-                                # shorter on a CPU, its dev loss on the full split not yet measured (docs/experiments.md)
+                                # shorter on a CPU; with the output feed it learnt less per epoch (docs/experiments.md)
     deep_output: bool = False   # attention only: the head reads tanh(W [h, context] + word embedding), the
                                 # paper's deep output, instead of [h, context]
     attention_feed: str = "input"  # attention only: where the context goes. "input": into the LSTM's next step, the
                                 # query being the previous h (Show, Attend and Tell), a serial loop per word; "output":
                                 # the LSTM reads the words alone and its current h queries the grid, the context
                                 # joining h at the head (Lu et al. 2017's spatial attention): every word's attention is
-                                # one batched product after a plain LSTM. With dot scores an epoch is 2.1x the lstm's
-                                # (the input feed's: 4.3x), but it learns less per epoch (docs/experiments.md)
+                                # one batched product after a plain LSTM. On the full split, additive scores learnt
+                                # as much per epoch as the input feed's in 1.7x less time (two epochs, one seed; 2.9x
+                                # the lstm's epoch); dot scores 2.1x the lstm's, but less learnt (docs/experiments.md)
 
 
 # Self-critical epochs a build runs unless told otherwise: on the full Flickr8k split, two seeds a language,
