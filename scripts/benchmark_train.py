@@ -88,18 +88,18 @@ def step_flops(cfg, n_captions: int, n_images: int, padded_len: float, grid_cell
 
     Per token, every decoder runs its LSTM gates ((input + U) x 4U) and the
     head (U, 2U or, with deep output, 2U x E + E, x vocab); attention adds
-    the query (U x U), the scores and the context (P x U each, or with
-    dot-product scores over a batch of images, m*P x U each against all of
-    its m images at once). Per image (or per caption where an image's work
+    the query (U x A, A the attention's width), the scores (P x A) and the
+    context (P x U) (with dot-product scores over a batch of images, m*P x
+    (A + U) against all of its m images at once). Per image (or per caption where an image's work
     is done per caption, `n_images == n_captions`): the pooled decoders'
     image layers (2048 x U, twice for lstm), attention's projection
-    (P x 2048 x U), keys (P x U x U) and initial state (2 x U x U). The
+    (P x 2048 x U), keys (P x U x A) and initial state (2 x U x U). The
     attention loop runs only captions still going (`real_len` tokens each);
     its embedding's share of the gates and the head run over `padded_len`.
     With `attention_feed="output"` there is no such loop: the LSTM, the
-    query, the scores and the context (P x U each, per caption) run over
+    query, the scores and the context (per caption) run over
     `padded_len`.
-    Elementwise work (gates' sigmoids, tanh over P x U energies, softmax) is
+    Elementwise work (gates' sigmoids, tanh over P x A energies, softmax) is
     not counted: FLOPs here are what sgemm could do.
     """
     U, E, V, D, P = cfg.units, cfg.embed_dim, cfg.vocab_size, cfg.feature_dim, grid_cells
@@ -108,15 +108,16 @@ def step_flops(cfg, n_captions: int, n_images: int, padded_len: float, grid_cell
         return 3 * 2 * (tokens * ((E + U) * 4 * U + U * V) + n_images * 2 * D * U)
     if cfg.architecture == "merge":
         return 3 * 2 * (tokens * ((E + U) * 4 * U + U * U + U * V) + n_images * D * U)
+    A = cfg.attention_width
     head = (2 * U * E + E * V) if cfg.deep_output else 2 * U * V
-    per_image = P * D * U + P * U * U + 2 * U * U
+    per_image = P * D * U + P * U * A + 2 * U * U
     if cfg.attention_feed == "output":  # the LSTM over every padded token, then query, scores and context per token
-        per_token = (E + U) * 4 * U + U * U + 2 * P * U + head
+        per_token = (E + U) * 4 * U + U * A + P * (A + U) + head
         return 3 * 2 * (tokens * per_token + n_images * per_image)
     grouped = cfg.attention_score == "dot" and n_images < n_captions
     cells = n_images * P if grouped else P
     loop_tokens = n_captions * (real_len or padded_len)
-    per_loop_token = U * U + 2 * cells * U + 2 * U * 4 * U
+    per_loop_token = U * A + cells * (A + U) + 2 * U * 4 * U
     per_token = E * 4 * U + head
     return 3 * 2 * (loop_tokens * per_loop_token + tokens * per_token + n_images * per_image)
 

@@ -122,7 +122,7 @@ def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path, sc
 
     grids, seqs = tiny_attention_data()
     cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
-                        max_length=8, deep_output=True, attention_score=score, attention_feed=feed)
+                        max_length=8, deep_output=True, attention_score=score, attention_feed=feed, attention_units=6)
     model, state = train_decoder(grids, seqs, grids, seqs, cfg, TrainConfig(epochs=2, batch_size=8, learning_rate=1e-2),
                                  tmp_path / "ck")
     assert isinstance(model, AttentionDecoder)
@@ -133,7 +133,7 @@ def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path, sc
     # Step by step (inference) equals the whole-sequence pass (training), token for token.
     full = tf.nn.log_softmax(model((grids[:5], inputs))).numpy()
     state_ = model.initial_state(grids[:5])
-    assert [tuple(s.shape) for s in state_] == [(5, 16), (5, 16), (5, 4, 16), (5, 4, 16)]
+    assert [tuple(s.shape) for s in state_] == [(5, 16), (5, 16), (5, 4, 16), (5, 4, 6)]  # keys attention_units wide
     for t in range(inputs.shape[1]):  # at each caption's real positions (past its end the pass repeats its last)
         logp, *state_ = model.step(tf.constant(inputs[:, t]), *state_)
         real = inputs[:, t] != 0
@@ -154,8 +154,8 @@ def test_attention_decoder_steps_as_it_trains_and_penalises_staring(tmp_path, sc
     np.testing.assert_allclose(tf.nn.log_softmax(again((grids[:5], inputs))).numpy(), full, atol=1e-6)
 
 
-@pytest.mark.parametrize("score", ["additive", "dot"])
-def test_attention_unroll_computes_what_the_plain_cell_loop_did(score):
+@pytest.mark.parametrize("score,width", [("additive", 0), ("dot", 0), ("additive", 6), ("dot", 6)])
+def test_attention_unroll_computes_what_the_plain_cell_loop_did(score, width):
     """The hoisted input product, the longest-first running prefix and the grouped products change no number.
 
     Reference: the loop as first written, one keras LSTMCell call per step on
@@ -168,7 +168,7 @@ def test_attention_unroll_computes_what_the_plain_cell_loop_did(score):
 
     grids, seqs = tiny_attention_data(2)
     cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
-                        max_length=8, attention_score=score)
+                        max_length=8, attention_score=score, attention_units=width)
     model = AttentionDecoder(cfg).build_all(8)
     _, inputs, _ = seqs.arrays(8)
     feats = grids[seqs.image_index]
@@ -189,8 +189,8 @@ def test_attention_unroll_computes_what_the_plain_cell_loop_did(score):
     np.testing.assert_allclose(grouped.numpy()[real], want[real], atol=1e-5)
 
 
-@pytest.mark.parametrize("score", ["additive", "dot"])
-def test_output_attention_computes_what_a_loop_of_cell_then_attention_does(score):
+@pytest.mark.parametrize("score,width", [("additive", 0), ("dot", 0), ("additive", 6)])
+def test_output_attention_computes_what_a_loop_of_cell_then_attention_does(score, width):
     """attention_feed="output": the LSTM over the sequence, then batched attention, equals step-by-step cell + attend.
 
     Reference: one keras LSTMCell call per step on the word alone, then the
@@ -203,7 +203,7 @@ def test_output_attention_computes_what_a_loop_of_cell_then_attention_does(score
 
     grids, seqs = tiny_attention_data(3)
     cfg = DecoderConfig(architecture="attention", vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
-                        max_length=8, attention_score=score, attention_feed="output")
+                        max_length=8, attention_score=score, attention_feed="output", attention_units=width)
     assert decoder_class(cfg) is OutputAttentionDecoder
     model = OutputAttentionDecoder(cfg).build_all(8)
     _, inputs, _ = seqs.arrays(8)
@@ -386,14 +386,16 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
             "--packs-dir", str(tmp_path)]
 
     def fake_build(*args, decoder_config, **kw):
-        got.append((decoder_config.architecture, decoder_config.attention_feed, decoder_config.deep_output))
+        got.append((decoder_config.architecture, decoder_config.attention_feed, decoder_config.deep_output,
+                    decoder_config.attention_units))
         raise CapkitError("stopped here")
 
     monkeypatch.setattr(toolkit.build, "build_pack", fake_build)
-    for flags, want in (([], ("lstm", "input", False)), (["--decoder", "attention"], ("attention", "input", False)),
-                        (["--decoder", "merge"], ("merge", "input", False)),
-                        (["--decoder", "attention", "--attention-feed", "output", "--deep-output"],
-                         ("attention", "output", True)),
+    for flags, want in (([], ("lstm", "input", False, 0)), (["--decoder", "attention"], ("attention", "input", False, 0)),
+                        (["--decoder", "merge"], ("merge", "input", False, 0)),
+                        (["--decoder", "attention", "--attention-feed", "output", "--deep-output", "--attention-units", "128"],
+                         ("attention", "output", True, 128)),
+                        (["--attention-units", "-1"], "--attention-units must be 0 (the LSTM's width) or more, not -1"),
                         (["--decoder", "transformer"], "--decoder must be one of lstm, attention, merge, not 'transformer'"),
                         (["--attention-feed", "after"], "--attention-feed must be one of input, output, not 'after'")):
         monkeypatch.setattr(sys, "argv", base + flags)

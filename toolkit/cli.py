@@ -201,6 +201,9 @@ def build_pack(
                                        help="attention only: input (the context enters the LSTM's next step, Show, Attend "
                                        "and Tell) or output (the LSTM's current state looks, the context joins it at the "
                                        "head; no loop of its own in training)."),
+    attention_units: int = typer.Option(DecoderConfig.attention_units, "--attention-units",
+                                        help="attention only: width of the attention's keys and query; 0 is the "
+                                        "LSTM's width. Narrower is faster with additive scores."),
     deep_output: bool = typer.Option(DecoderConfig.deep_output, "--deep-output/--no-deep-output",
                                      help="attention only: the head reads tanh(W (h, context) + word embedding) "
                                      "(Show, Attend and Tell's deep output) instead of h and the context; a smaller head."),
@@ -267,6 +270,8 @@ def build_pack(
         raise CapkitError(f"--attention-score must be one of {', '.join(ATTENTION_SCORES)}, not {attention_score!r}")
     if attention_feed not in ATTENTION_FEEDS:
         raise CapkitError(f"--attention-feed must be one of {', '.join(ATTENTION_FEEDS)}, not {attention_feed!r}")
+    if attention_units < 0:
+        raise CapkitError(f"--attention-units must be 0 (the LSTM's width) or more, not {attention_units}")
     if not attention_reg >= 0:
         raise CapkitError(f"--attention-reg must be 0 or more, not {attention_reg}")
     if not 0 <= label_smoothing < 1:
@@ -301,7 +306,8 @@ def build_pack(
         encoder_config=_encoder_config(weights, image_size, 32, "bfloat16" if precision == "bfloat16" else "float32"),
         decoder_config=DecoderConfig(architecture=decoder, vocab_size=vocab_size, units=units, embed_dim=embed_dim,
                                      dropout=dropout, attention_reg=attention_reg, attention_score=attention_score,
-                                     attention_feed=attention_feed, deep_output=deep_output, tokenizer=tokenizer),
+                                     attention_feed=attention_feed, attention_units=attention_units,
+                                     deep_output=deep_output, tokenizer=tokenizer),
         train_config=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy,

@@ -86,6 +86,12 @@ class DecoderConfig:
                                 # one batched product after a plain LSTM. On the full split, additive scores learnt
                                 # as much per epoch as the input feed's in 1.7x less time (two epochs, one seed; 2.9x
                                 # the lstm's epoch); dot scores 2.1x the lstm's, but less learnt (docs/experiments.md)
+    attention_units: int = 0    # attention only: width of the attention's keys and query (its score space); 0 is
+                                # `units`. The additive score's tanh runs over (captions, words, cells, this)
+
+    @property
+    def attention_width(self) -> int:
+        return self.attention_units or self.units
 
 
 # Self-critical epochs a build runs unless told otherwise: on the full Flickr8k split, two seeds a language,
@@ -150,7 +156,7 @@ SEARCH = SearchConfig()
 # other missing field is still an error.
 ADDED_FIELDS = {
     "DecoderConfig": {"architecture": "lstm", "attention_reg": 1.0, "deep_output": False, "tokenizer": "unigram",
-                      "attention_score": "additive", "attention_feed": "input"},
+                      "attention_score": "additive", "attention_feed": "input", "attention_units": 0},
     "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0,
                     "self_critical_epochs": 0, "self_critical_lr": 5e-4, "self_critical_samples": 5,
                     "self_critical_lr_schedule": "constant", "precision": "auto",

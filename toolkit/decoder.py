@@ -141,8 +141,8 @@ class AttentionDecoder(keras.Model):
         self.project = keras.layers.Dense(c.units, activation="relu")  # grid vector -> annotation
         self.init_h = keras.layers.Dense(c.units, activation="tanh")
         self.init_c = keras.layers.Dense(c.units, activation="tanh")
-        self.att_keys = keras.layers.Dense(c.units, use_bias=False)  # W_a a_i, once per image
-        self.att_query = keras.layers.Dense(c.units)  # W_h h, once per word
+        self.att_keys = keras.layers.Dense(c.attention_width, use_bias=False)  # W_a a_i, once per image
+        self.att_query = keras.layers.Dense(c.attention_width)  # W_h h, once per word
         self.att_score = keras.layers.Dense(1, use_bias=False) if c.attention_score == "additive" else None  # v
         self.embed = keras.layers.Embedding(c.vocab_size, c.embed_dim)
         self.emb_drop = keras.layers.Dropout(c.dropout)
@@ -155,7 +155,7 @@ class AttentionDecoder(keras.Model):
         self.cell = keras.layers.LSTMCell(self.config.units)  # its weights; `_gates` computes what its call would
 
     def initial_state(self, features, training=False):
-        """features (n, P, feature_dim) -> (h, c, annotations (n, P, units), keys (n, P, units))."""
+        """features (n, P, feature_dim) -> (h, c, annotations (n, P, units), keys (n, P, attention_width))."""
         a = self.project(self.feat_drop(self.norm(features), training=training))
         mean = tf.reduce_mean(a, axis=1)
         return self.init_h(mean), self.init_c(mean), a, self.att_keys(a)
@@ -186,7 +186,7 @@ class AttentionDecoder(keras.Model):
         if self.att_score is not None:
             e = self.att_score(tf.tanh(keys[:, None] + q[:, :, None]))[..., 0]
         else:
-            e = tf.einsum("ntu,npu->ntp", q, keys) * (self.config.units ** -0.5)
+            e = tf.einsum("ntu,npu->ntp", q, keys) * (self.config.attention_width ** -0.5)
         alphas = tf.nn.softmax(e, axis=-1)
         return alphas, tf.einsum("ntp,npu->ntu", alphas, a)
 
@@ -199,7 +199,7 @@ class AttentionDecoder(keras.Model):
         m, p = tf.shape(a)[0], tf.shape(a)[1]
         q = self.att_query(h)
         e = tf.reshape(tf.matmul(q, tf.reshape(keys, [m * p, -1]), transpose_b=True), [-1, m, p])
-        e = tf.reduce_sum(e * own[:, :, None], axis=1) * (self.config.units ** -0.5)
+        e = tf.reduce_sum(e * own[:, :, None], axis=1) * (self.config.attention_width ** -0.5)
         alpha = tf.nn.softmax(e, axis=-1)
         spread = tf.reshape(own[:, :, None] * alpha[:, None, :], [-1, m * p])  # alpha at the row's image, 0 elsewhere
         return alpha, tf.matmul(spread, tf.reshape(a, [m * p, -1]))
