@@ -146,11 +146,47 @@ def test_train_runs_its_epochs_and_keys_its_checkpoints_by_its_settings(run):
     assert key == t.run_key
     assert build._run_key("en", run.dec_cfg, replace(run.tr_cfg, strategy="mirrored"), run.features.encoder.id, names, texts) == key
     assert build._run_key("en", run.dec_cfg, replace(run.tr_cfg, seed=1), run.features.encoder.id, names, texts) != key
+    # When to stop is no part of what an epoch does: a larger limit or patience resumes the same run. Under the
+    # cosine schedule the limit shapes every epoch's rate, so there it is another run.
+    for change in ({"epochs": 9}, {"patience": 9}):
+        assert build._run_key("en", run.dec_cfg, replace(run.tr_cfg, **change), run.features.encoder.id, names, texts) == key
+    cosine = replace(run.tr_cfg, lr_schedule="cosine")
+    assert (build._run_key("en", run.dec_cfg, replace(cosine, epochs=9), run.features.encoder.id, names, texts)
+            != build._run_key("en", run.dec_cfg, cosine, run.features.encoder.id, names, texts))
     # Each device's own precision resumes the same run, as the strategy does; bfloat16, asked for, is another run.
     for precision, same in (("float32", True), ("float16", True), ("auto", True), ("bfloat16", False)):
         other = build._run_key("en", run.dec_cfg, replace(run.tr_cfg, precision=precision), run.features.encoder.id,
                                names, texts)
         assert (other == key) == same, precision
+
+
+def test_a_stopped_run_resumes_where_it_stopped_when_asked_for_more_epochs(run, tmp_path):
+    events = []
+    report = Report(lambda kind, **f: events.append((kind, f)))
+
+    def train(packs, **change):
+        events.clear()
+        return build.train("en", run.features, run.translation.texts, run.tokenizer, run.dec_cfg,
+                           replace(run.tr_cfg, **change), packs, report)
+
+    one = train(tmp_path, epochs=1)
+    two = train(tmp_path, epochs=2)
+    assert two.work == one.work and [h["epoch"] for h in two.state["history"]] == [1, 2]
+    assert ("resumed", {"epoch": 1, "folder": str(one.work)}) in events
+    assert [f["epoch"] for kind, f in events if kind == "epoch"] == [2]  # epoch 1 was not trained again
+    # Fewer epochs than the checkpoints hold: weights trained that long are not what was asked; a run of its own.
+    short = train(tmp_path, epochs=1)
+    assert short.work != one.work and [h["epoch"] for h in short.state["history"]] == [1]
+    assert [f["epoch"] for kind, f in events if kind == "epoch"] == [1] and "resumed" not in [k for k, _ in events]
+    # A build begun while the key held its limits kept its checkpoints there, and still resumes from them.
+    names, texts = run.features.present["train"], build._train_texts(run.translation.texts, run.features.present["train"])
+    old = build._run_key("en", run.dec_cfg, replace(run.tr_cfg, epochs=3), run.features.encoder.id, names, texts,
+                         with_limits=True)
+    (tmp_path / "older").mkdir()
+    shutil.copytree(one.work, tmp_path / "older" / build.WORK_DIR / f"en-{old}")
+    resumed = train(tmp_path / "older", epochs=3)
+    assert resumed.work.name == f"en-{old}" and [h["epoch"] for h in resumed.state["history"]] == [1, 2, 3]
+    assert [f["epoch"] for kind, f in events if kind == "epoch"] == [3]
 
 
 def test_score_an_installed_pack_again_reproduces_its_scores(tiny_packs, tiny_dataset):

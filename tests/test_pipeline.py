@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import build_tiny_pack
+from conftest import TINY_TRAIN, build_tiny_pack
 from toolkit.errors import CapkitError
 from toolkit.pack import MANIFEST_FILE, PACK_FILES, installed_packs, load_manifest, verify_files
 
@@ -252,6 +252,13 @@ def test_self_critical_epochs_added_to_a_finished_build_reuse_its_installed_deco
     m = load_manifest(result.pack_dir)
     assert m["training"]["epochs_run"] == first.manifest["training"]["epochs_run"]
     assert m["training"]["run_key"] == first.manifest["training"]["run_key"]
+    # A larger epoch limit asks for more than the installed decoder had: trained (its checkpoints went with the
+    # install, so from the start).
+    build_tiny_pack("en", tiny_dataset, tmp_path / "more")
+    events.clear()
+    build_tiny_pack("en", tiny_dataset, tmp_path / "more", train={"self_critical_epochs": 1, "epochs": TINY_TRAIN["epochs"] + 1},
+                    report=Report(lambda kind, **f: events.append(kind)))
+    assert "reused" not in events and "epoch" in events
     # Now fine-tuned, the pack no longer holds teacher-forced weights: another change trains again.
     events.clear()
     build_tiny_pack("en", tiny_dataset, tmp_path / "packs", train={"self_critical_epochs": 2},

@@ -363,10 +363,11 @@ def train(lang: str, features: Features, texts: dict[str, list[str]], tokenizer,
 
     train_f, train_s = sequences("train")
     dev_f, dev_s = sequences("dev")
-    run_key = _run_key(lang, dec_cfg, tr_cfg, features.encoder.id, present["train"], _train_texts(texts, present["train"]))
-    work = packs_dir / WORK_DIR / f"{lang}-{run_key}"
+    key_args = (lang, dec_cfg, tr_cfg, features.encoder.id, present["train"], _train_texts(texts, present["train"]))
+    run_key, exact_key = _run_key(*key_args), _run_key(*key_args, with_limits=True)
+    work = _checkpoints_to_resume(packs_dir, lang, run_key, exact_key, tr_cfg, report)
     if tr_cfg.self_critical_epochs and not (work / CHECKPOINT_STATE_FILE).exists():
-        installed = _teacher_forced_from_pack(packs_dir / lang, run_key, tokenizer, dec_cfg, work)
+        installed = _teacher_forced_from_pack(packs_dir / lang, (run_key, exact_key), tr_cfg, tokenizer, dec_cfg, work)
         if installed is not None:
             report("reused", what=f"the installed {lang} pack's teacher-forced decoder (same data and settings)")
             return installed
@@ -377,11 +378,41 @@ def train(lang: str, features: Features, texts: dict[str, list[str]], tokenizer,
     return Trained(model, state, train_seconds, work, run_key)
 
 
-def _teacher_forced_from_pack(pack: Path, run_key: str, tokenizer, dec_cfg: DecoderConfig, work: Path) -> Trained | None:
+def _checkpoints_to_resume(packs_dir: Path, lang: str, run_key: str, exact_key: str, tr_cfg: TrainConfig,
+                           report: Report) -> Path:
+    """The checkpoint folder this run trains in: its run key's, unless that cannot serve this run's limits.
+
+    The run key leaves out the epoch limit and the patience (see `_run_key`),
+    so a build stopped by either resumes with larger ones where it stopped.
+    A folder already past this run's epoch limit holds weights trained for
+    longer than asked: such a run trains afresh in a folder of its own (keyed
+    with its limits). Builds begun before the limits left the key kept their
+    checkpoints under the key with them (`exact_key`), so they resume there.
+    """
+    from toolkit.train import CHECKPOINT_STATE_FILE
+
+    work, exact = (packs_dir / WORK_DIR / f"{lang}-{k}" for k in (run_key, exact_key))
+    if not (work / CHECKPOINT_STATE_FILE).exists():
+        return exact if (exact / CHECKPOINT_STATE_FILE).exists() else work
+    try:
+        done = json.loads((work / CHECKPOINT_STATE_FILE).read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return work  # train_decoder says what is wrong with it
+    if done <= tr_cfg.epochs:
+        if done:
+            report("resumed", epoch=done, folder=str(work))
+        return work
+    return exact
+
+
+def _teacher_forced_from_pack(pack: Path, run_keys: tuple[str, ...], tr_cfg: TrainConfig, tokenizer,
+                              dec_cfg: DecoderConfig, work: Path) -> Trained | None:
     """The installed pack's decoder as this build's teacher-forced result, where it is exactly that; else None.
 
-    Exactly: the pack was built with this run key (same data, encoder and
-    teacher-forcing settings), the same tokenizer, intact files, and no
+    Exactly: the pack was built with one of these run keys (same data, encoder
+    and teacher-forcing settings) and the same epoch limit and patience (a
+    pack stopped by a smaller limit is not what a larger one trains), the
+    same tokenizer, intact files, and no
     self-critical epochs of its own (its weights would be the fine-tuned
     ones). A build that adds `--self-critical-epochs` to a finished one then
     trains no teacher-forced epoch again, though its checkpoints went when
@@ -394,14 +425,16 @@ def _teacher_forced_from_pack(pack: Path, run_key: str, tokenizer, dec_cfg: Deco
         m = load_manifest(pack)
     except CapkitError:
         return None
-    t = m.get("training", {})
-    if t.get("run_key") != run_key or "self_critical" in t or verify_files(pack, m):
+    t, tc = m.get("training", {}), m.get("train", {})
+    if t.get("run_key") not in run_keys or "self_critical" in t or verify_files(pack, m):
+        return None
+    if (tc.get("epochs"), tc.get("patience")) != (tr_cfg.epochs, tr_cfg.patience):
         return None
     if (pack / TOKENIZER_FILE).read_bytes() != tokenizer.proto:
         return None
     state = {"epoch": t["epochs_run"], "best_epoch": t["best_epoch"], "best_val_loss": t["best_dev_loss"], "wait": 0,
              "lr": None, "history": json.loads((pack / HISTORY_FILE).read_text())}
-    return Trained(load_decoder(dec_cfg, pack / DECODER_WEIGHTS_FILE), state, t["seconds"], work, run_key)
+    return Trained(load_decoder(dec_cfg, pack / DECODER_WEIGHTS_FILE), state, t["seconds"], work, t["run_key"])
 
 
 def _decoder_features(features: Features, split: str):
@@ -444,8 +477,17 @@ def self_critical(lang: str, features: Features, train_texts: dict[str, list[str
 
 
 def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id: str, train_names: list[str],
-             train_texts: list[str]) -> str:
+             train_texts: list[str], with_limits: bool = False) -> str:
+    """Digest of what the teacher-forced weights depend on; runs with one key resume one another's checkpoints.
+
+    Without the epoch limit and the patience, which say when to stop, not
+    what an epoch does: a build stopped by either resumes where it stopped
+    when asked for more. (Under the cosine schedule the limit shapes every
+    epoch's rate, so it stays.) `with_limits`: the key as it was before,
+    with both, for builds begun then (`_checkpoints_to_resume`).
+    """
     defaults, train_defaults = DecoderConfig(), TrainConfig()
+    limits = () if with_limits else ("patience",) if tr_cfg.lr_schedule == "cosine" else ("epochs", "patience")
     return hashlib.sha256(json.dumps(
         # Without the strategy: a run interrupted on GPUs may resume on a CPU, the weights are the same. So
         # without the precision each of them picks by itself (float16 on GPUs, float32 on CPUs); bfloat16, asked
@@ -455,7 +497,7 @@ def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id:
                 if k not in ADDED_FIELDS["DecoderConfig"] or v != getattr(defaults, k)},
          {k: v for k, v in asdict(tr_cfg).items()
           # Self-critical settings only shape the fine-tuning after it, which keeps checkpoints of its own.
-          if k != "strategy" and not k.startswith("self_critical")
+          if k != "strategy" and not k.startswith("self_critical") and k not in limits
           and not (k == "precision" and v in ("auto", "float32", "float16"))
           and (k not in ADDED_FIELDS["TrainConfig"] or v != getattr(train_defaults, k))}, encoder_id,
          sorted(train_names), train_texts[:50]], sort_keys=True

@@ -69,6 +69,8 @@ class _Progress:
         elif kind == "epoch" and not self.quiet:
             typer.echo(f"  epoch {f['epoch']:3d}  loss {f['loss']:.3f}  dev loss {f['val_loss']:.3f}  "
                        f"lr {f['lr']:.2g}  {f['seconds']:.1f}s", err=True)
+        elif kind == "resumed" and not self.quiet:
+            typer.echo(f"  resuming after epoch {f['epoch']} from {f['folder']}", err=True)
         elif kind == "reused" and not self.quiet:
             typer.echo(f"  {f['what']}: not trained again", err=True)
         elif kind == "self_critical_epoch" and not self.quiet:

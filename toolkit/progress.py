@@ -14,7 +14,8 @@ class Report:
 
     Kinds: "stage" (name), "progress" (stage, done, total), "warning" (message),
     "epoch" (epoch, loss, val_loss, ...), "self_critical_epoch" (epoch, reward, dev_cider_d, ...), "reused"
-    (what: a finished result taken instead of computed again). The CLI renders them; tests record them.
+    (what: a finished result taken instead of computed again), "resumed" (epoch, folder: training goes on
+    from a stopped build's checkpoints). The CLI renders them; tests record them.
     Each stage's wall time, from its event to the next one's (or `end_stage`),
     is kept in `stage_seconds`.
     """
