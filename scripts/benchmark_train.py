@@ -94,8 +94,9 @@ def step_flops(cfg, n_captions: int, n_images: int, padded_len: float, grid_cell
     is done per caption, `n_images == n_captions`): the pooled decoders'
     image layers (2048 x U, twice for lstm), attention's projection
     (P x 2048 x U), keys (P x U x A) and initial state (2 x U x U). The
-    attention loop runs only captions still going (`real_len` tokens each);
-    its embedding's share of the gates and the head run over `padded_len`.
+    attention loop and every head run only over real tokens (`real_len`
+    each); the attention's embedding share of the gates runs over
+    `padded_len`.
     With `attention_feed="output"` there is no such loop: the LSTM, the
     query, the scores and the context (per caption) run over
     `padded_len`.
@@ -104,22 +105,21 @@ def step_flops(cfg, n_captions: int, n_images: int, padded_len: float, grid_cell
     """
     U, E, V, D, P = cfg.units, cfg.embed_dim, cfg.vocab_size, cfg.feature_dim, grid_cells
     tokens = n_captions * padded_len
+    real = n_captions * (real_len or padded_len)  # the head runs at real tokens only (decoder._on_real_tokens)
     if cfg.architecture == "lstm":
-        return 3 * 2 * (tokens * ((E + U) * 4 * U + U * V) + n_images * 2 * D * U)
+        return 3 * 2 * (tokens * (E + U) * 4 * U + real * U * V + n_images * 2 * D * U)
     if cfg.architecture == "merge":
-        return 3 * 2 * (tokens * ((E + U) * 4 * U + U * U + U * V) + n_images * D * U)
+        return 3 * 2 * (tokens * (E + U) * 4 * U + real * (U * U + U * V) + n_images * D * U)
     A = cfg.attention_width
     head = (2 * U * E + E * V) if cfg.deep_output else 2 * U * V
     per_image = P * D * U + P * U * A + 2 * U * U
     if cfg.attention_feed == "output":  # the LSTM over every padded token, then query, scores and context per token
-        per_token = (E + U) * 4 * U + U * A + P * (A + U) + head
-        return 3 * 2 * (tokens * per_token + n_images * per_image)
+        per_token = (E + U) * 4 * U + U * A + P * (A + U)
+        return 3 * 2 * (tokens * per_token + real * head + n_images * per_image)
     grouped = cfg.attention_score == "dot" and n_images < n_captions
     cells = n_images * P if grouped else P
-    loop_tokens = n_captions * (real_len or padded_len)
     per_loop_token = U * A + cells * (A + U) + 2 * U * 4 * U
-    per_token = E * 4 * U + head
-    return 3 * 2 * (loop_tokens * per_loop_token + tokens * per_token + n_images * per_image)
+    return 3 * 2 * (real * (per_loop_token + head) + tokens * E * 4 * U + n_images * per_image)
 
 
 def batch_shapes(seqs, batch: int, max_length: int, by_image: bool, seed: int = 0) -> tuple[float, float, float]:

@@ -81,3 +81,31 @@ def test_a_resumed_run_gets_the_batches_of_its_epoch_not_the_first_ones():
     first, second = epoch(unstopped), epoch(unstopped)
     resumed = training_dataset(feats, seqs, cfg, 8, shuffle=True, seed=3, first_epoch=1)
     assert epoch(resumed) == second != first
+
+
+@pytest.mark.parametrize("architecture", ["lstm", "merge", "attention"])
+def test_the_head_runs_at_real_tokens_only_and_the_loss_is_what_it_was(architecture, monkeypatch):
+    """Logits at padding are never computed (zeros); at real tokens, and so the masked loss, they are the full head's."""
+    import tensorflow as tf
+
+    from toolkit import decoder as dec
+    from toolkit.config import DecoderConfig
+
+    rng = np.random.default_rng(0)
+    attention = architecture == "attention"
+    cfg = DecoderConfig(architecture=architecture, vocab_size=20, feature_dim=8, embed_dim=8, units=16, dropout=0.0,
+                        max_length=8, attention_feed="output")
+    model = dec.decoder_class(cfg)(cfg).build_all(8)
+    feats = rng.normal(size=(3, 4, 8) if attention else (3, 8)).astype(np.float32)
+    tokens = np.array([[1, 5, 6, 7], [1, 8, 0, 0], [1, 0, 0, 0]], np.int32)
+    targets = np.array([[5, 6, 7, 2], [8, 2, 0, 0], [2, 0, 0, 0]], np.int32)
+    got = model((feats, tokens)).numpy()
+    real = tokens != 0
+    assert (got[~real] == 0).all() and (got[real] != 0).all()
+    calls = []  # the same model with the head over every position, padding included
+    monkeypatch.setattr(dec, "_on_real_tokens", lambda head, y, tokens: calls.append(1) or head(y))
+    full = model((feats, tokens)).numpy()
+    assert calls
+    np.testing.assert_allclose(got[real], full[real], atol=1e-5)
+    loss = dec.CaptionLoss(label_smoothing=0.1)
+    assert float(loss(targets, got)) == pytest.approx(float(loss(targets, full)), abs=1e-5)

@@ -87,7 +87,7 @@ class CaptionDecoder(_PooledFeatures, keras.Model):
         h, c = self.initial_state(features, training)
         x = self.emb_drop(self.embed(tokens), training=training)
         y, _, _ = self.lstm(x, initial_state=[h, c], mask=tokens != PAD_ID, training=training)
-        return self.head(self.out_drop(y, training=training))
+        return _on_real_tokens(self.head, self.out_drop(y, training=training), tokens)
 
     def step(self, tokens, h, c):
         """One token per row -> (log-probabilities of the next token, h, c)."""
@@ -204,11 +204,13 @@ class AttentionDecoder(keras.Model):
         spread = tf.reshape(own[:, :, None] * alpha[:, None, :], [-1, m * p])  # alpha at the row's image, 0 elsewhere
         return alpha, tf.matmul(spread, tf.reshape(a, [m * p, -1]))
 
-    def _logits(self, h, context, x, training=False):
+    def _logits(self, h, context, x, training=False, tokens=None):
+        """The head over [h, context] (or the deep output); with `tokens` (n, T), at their real positions only."""
         y = tf.concat([h, context], axis=-1)
         if self.deep is not None:
             y = tf.tanh(self.deep(y) + x)
-        return self.head(self.out_drop(y, training=training))
+        y = self.out_drop(y, training=training)
+        return self.head(y) if tokens is None else _on_real_tokens(self.head, y, tokens)
 
     def _unroll(self, features, tokens, training=False, rows=None):
         """Teacher forcing over all steps: (logits (n, T, vocab), alphas (n, T, P)).
@@ -220,6 +222,7 @@ class AttentionDecoder(keras.Model):
         """
         h, c, a, keys = self.initial_state(features, training)
         n, steps = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        given = tokens  # in the captions' order (grouped batches reorder `tokens` below)
         # Dot scores against a batch of images: no per-caption grid, so finished captions can drop out each step
         # (longest first, the running ones are a prefix). Per-caption grids would be sliced (copied) every step.
         grouped = rows is not None and self.att_score is None
@@ -261,7 +264,7 @@ class AttentionDecoder(keras.Model):
 
         if grouped:
             x = tf.gather(x, back)
-        return self._logits(seq(hs.stack()), seq(contexts.stack()), x, training), seq(alphas.stack())
+        return self._logits(seq(hs.stack()), seq(contexts.stack()), x, training, given), seq(alphas.stack())
 
     def call(self, inputs, training=False):
         features, tokens, *rows = inputs  # rows: see `training_dataset`
@@ -329,7 +332,7 @@ class OutputAttentionDecoder(AttentionDecoder):
         x = self.emb_drop(self.embed(tokens), training=training)
         hs = self.lstm(x, initial_state=[h, c], mask=tokens != PAD_ID, training=training)  # (n, T, units)
         alphas, contexts = self._attend_steps(hs, a, keys)  # every word's at once: nothing waits for them
-        return self._logits(hs, contexts, x, training), alphas
+        return self._logits(hs, contexts, x, training, tokens), alphas
 
     def step(self, tokens, h, c, a, keys):
         """One token per row -> (log-probabilities of the next token, h, c, annotations, keys)."""
@@ -337,6 +340,19 @@ class OutputAttentionDecoder(AttentionDecoder):
         _, (h, c) = self.lstm.cell(x, [h, c])
         _, context = self._attend(h, a, keys)
         return tf.nn.log_softmax(tf.cast(self._logits(h, context, x), tf.float32)), h, c, a, keys
+
+
+def _on_real_tokens(head, y, tokens):
+    """head(y) for y (n, T, d) at the real (non-padding) positions of tokens (n, T); zeros at the padding.
+
+    The per-token head is the largest product of a training step, and batches
+    pad to their longest caption (by 20-35% on Flickr8k); the loss masks the
+    padding anyway, so its logits are never computed.
+    """
+    where = tf.where(tokens != PAD_ID)
+    out = head(tf.gather_nd(y, where))
+    shape = tf.concat([tf.shape(tokens, out_type=tf.int64), tf.shape(out, out_type=tf.int64)[-1:]], 0)
+    return tf.scatter_nd(where, out, shape)
 
 
 def _update_prefix(old, new):
@@ -379,7 +395,7 @@ class MergeDecoder(_PooledFeatures, keras.Model):
         _, _, v = self.initial_state(features, training)
         x = self.emb_drop(self.embed(tokens), training=training)
         y = self.lstm(x, mask=tokens != PAD_ID, training=training)
-        return self.head(self.merge(y + v[:, None, :]))
+        return _on_real_tokens(lambda y: self.head(self.merge(y)), y + v[:, None, :], tokens)
 
     def step(self, tokens, h, c, v):
         """One token per row -> (log-probabilities of the next token, h, c, image vector)."""
