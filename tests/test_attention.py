@@ -94,7 +94,9 @@ def test_old_manifests_without_the_architecture_load_as_lstm():
     from toolkit.errors import CapkitError
 
     old = {k: v for k, v in asdict(DecoderConfig()).items() if k not in ADDED_FIELDS["DecoderConfig"]}
-    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm", tokenizer="unigram")
+    # ... and an old attention pack is input-fed, attending 512 wide, whatever today's defaults are.
+    assert from_dict(DecoderConfig, old) == DecoderConfig(architecture="lstm", tokenizer="unigram", attention_feed="input",
+                                                          attention_units=0)
     new = asdict(DecoderConfig(architecture="attention", attention_reg=0.5))
     assert from_dict(DecoderConfig, new).architecture == "attention"
     with pytest.raises(CapkitError, match=r"missing \['units'\]"):  # every other field stays required
@@ -274,7 +276,10 @@ def test_attention_decoder_trains_in_mixed_precision(tmp_path, feed):
 
 @pytest.fixture(scope="module")
 def attention_packs(tmp_path_factory, tiny_dataset):
-    """An attention `en` pack, built through a Ctrl-C after epoch 1 and a resume, beside an lstm `zh` pack."""
+    """An attention `en` pack, built through a Ctrl-C after epoch 1 and a resume, beside an lstm `zh` pack.
+
+    Input-fed, as every attention pack before the sixteenth session (the output-fed default has its own test).
+    """
     from conftest import build_tiny_pack
     from toolkit.pipeline import Report
 
@@ -284,7 +289,7 @@ def attention_packs(tmp_path_factory, tiny_dataset):
         if kind == "epoch" and f["epoch"] == 1:
             raise KeyboardInterrupt
 
-    attention = dict(decoder=dict(architecture="attention"))
+    attention = dict(decoder=dict(architecture="attention", attention_feed="input", attention_units=0))  # as old packs
     with pytest.raises(KeyboardInterrupt):
         build_tiny_pack("en", tiny_dataset, packs, report=Report(stop_after_first_epoch), **attention)
     assert not (packs / "en").exists()
@@ -350,7 +355,7 @@ def test_caption_and_evaluate_feed_grids_to_attention_packs(attention_packs, tin
 
 
 def test_an_output_fed_attention_pack_records_its_feed_and_captions_as_it_scored(attention_packs, tiny_dataset, tmp_path):
-    """`attention_feed="output"` end to end: manifest, model card, the compiled search and the pack's own score."""
+    """The default attention pack (output feed, 128-wide scores) end to end: manifest, model card, search, score."""
     import shutil
 
     from conftest import build_tiny_pack
@@ -360,8 +365,9 @@ def test_an_output_fed_attention_pack_records_its_feed_and_captions_as_it_scored
 
     packs = tmp_path / "packs"
     shutil.copytree(attention_packs[0] / ".encoders", packs / ".encoders")  # features and grids cached: nothing extracted
-    build_tiny_pack("en", tiny_dataset, packs, decoder=dict(architecture="attention", attention_feed="output"))
+    build_tiny_pack("en", tiny_dataset, packs, decoder=dict(architecture="attention"))
     m = load_manifest(packs / "en")
+    assert (m["decoder"]["attention_feed"], m["decoder"]["attention_units"]) == ("output", 128)
     assert (m["decoder"]["architecture"], m["decoder"]["attention_feed"]) == ("attention", "output")
     assert "attending (after each word's LSTM step)" in (packs / "en" / MODEL_CARD_FILE).read_text()
     en = load_pack(packs, "en")
@@ -391,10 +397,10 @@ def test_cli_decoder_flag(monkeypatch, capsys, tiny_dataset, tmp_path):
         raise CapkitError("stopped here")
 
     monkeypatch.setattr(toolkit.build, "build_pack", fake_build)
-    for flags, want in (([], ("lstm", "input", False, 0)), (["--decoder", "attention"], ("attention", "input", False, 0)),
-                        (["--decoder", "merge"], ("merge", "input", False, 0)),
-                        (["--decoder", "attention", "--attention-feed", "output", "--deep-output", "--attention-units", "128"],
-                         ("attention", "output", True, 128)),
+    for flags, want in (([], ("lstm", "output", False, 128)), (["--decoder", "attention"], ("attention", "output", False, 128)),
+                        (["--decoder", "merge"], ("merge", "output", False, 128)),
+                        (["--decoder", "attention", "--attention-feed", "input", "--deep-output", "--attention-units", "0"],
+                         ("attention", "input", True, 0)),
                         (["--attention-units", "-1"], "--attention-units must be 0 (the LSTM's width) or more, not -1"),
                         (["--decoder", "transformer"], "--decoder must be one of lstm, attention, merge, not 'transformer'"),
                         (["--attention-feed", "after"], "--attention-feed must be one of input, output, not 'after'")):

@@ -153,6 +153,12 @@ def test_train_runs_its_epochs_and_keys_its_checkpoints_by_its_settings(run):
     cosine = replace(run.tr_cfg, lr_schedule="cosine")
     assert (build._run_key("en", run.dec_cfg, replace(cosine, epochs=9), run.features.encoder.id, names, texts)
             != build._run_key("en", run.dec_cfg, cosine, run.features.encoder.id, names, texts))
+    # The attention feed's default changed after it joined the key: today's output-fed default and the input feed
+    # of older builds are two runs, whichever is the default.
+    att = replace(run.dec_cfg, architecture="attention")
+    assert len({build._run_key("en", replace(att, attention_feed=feed, attention_units=width), run.tr_cfg,
+                               run.features.encoder.id, names, texts)
+                for feed, width in (("input", 0), ("output", 0), ("output", 128), ("input", 128))}) == 4
     # Each device's own precision resumes the same run, as the strategy does; bfloat16, asked for, is another run.
     for precision, same in (("float32", True), ("float16", True), ("auto", True), ("bfloat16", False)):
         other = build._run_key("en", run.dec_cfg, replace(run.tr_cfg, precision=precision), run.features.encoder.id,

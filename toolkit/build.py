@@ -476,6 +476,12 @@ def self_critical(lang: str, features: Features, train_texts: dict[str, list[str
                    seconds=trained.seconds + seconds)
 
 
+# Defaults changed after their field joined the run key, with the value they had then. A key leaves an added
+# field out where it has its default; were that today's default, a changed one would give new builds the key of
+# older builds' runs (and resume their checkpoints, of another architecture) while older ones lost theirs.
+KEYED_DEFAULTS = {"DecoderConfig": {"attention_feed": "input", "attention_units": 0}, "TrainConfig": {}}
+
+
 def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id: str, train_names: list[str],
              train_texts: list[str], with_limits: bool = False) -> str:
     """Digest of what the teacher-forced weights depend on; runs with one key resume one another's checkpoints.
@@ -486,20 +492,20 @@ def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id:
     epoch's rate, so it stays.) `with_limits`: the key as it was before,
     with both, for builds begun then (`_checkpoints_to_resume`).
     """
-    defaults, train_defaults = DecoderConfig(), TrainConfig()
+    defaults = {**asdict(DecoderConfig()), **KEYED_DEFAULTS["DecoderConfig"]}
+    train_defaults = {**asdict(TrainConfig()), **KEYED_DEFAULTS["TrainConfig"]}
     limits = () if with_limits else ("patience",) if tr_cfg.lr_schedule == "cosine" else ("epochs", "patience")
     return hashlib.sha256(json.dumps(
         # Without the strategy: a run interrupted on GPUs may resume on a CPU, the weights are the same. So
         # without the precision each of them picks by itself (float16 on GPUs, float32 on CPUs); bfloat16, asked
         # for by name, is a run of its own. Fields added later count only when set: a build begun before they
         # existed still resumes.
-        [lang, {k: v for k, v in asdict(dec_cfg).items()
-                if k not in ADDED_FIELDS["DecoderConfig"] or v != getattr(defaults, k)},
+        [lang, {k: v for k, v in asdict(dec_cfg).items() if k not in ADDED_FIELDS["DecoderConfig"] or v != defaults[k]},
          {k: v for k, v in asdict(tr_cfg).items()
           # Self-critical settings only shape the fine-tuning after it, which keeps checkpoints of its own.
           if k != "strategy" and not k.startswith("self_critical") and k not in limits
           and not (k == "precision" and v in ("auto", "float32", "float16"))
-          and (k not in ADDED_FIELDS["TrainConfig"] or v != getattr(train_defaults, k))}, encoder_id,
+          and (k not in ADDED_FIELDS["TrainConfig"] or v != train_defaults[k])}, encoder_id,
          sorted(train_names), train_texts[:50]], sort_keys=True
     ).encode()).hexdigest()[:12]
 
