@@ -4,11 +4,11 @@ Three architectures, chosen by `DecoderConfig.architecture`:
 
 - "lstm" (`CaptionDecoder`): the pooled image vector enters as the LSTM's
   initial state (normalised features -> Dense -> h0, c0);
-- "attention" (`AttentionDecoder`): Show, Attend and Tell; the LSTM looks
-  at the encoder's feature grid afresh for every word; with
-  `attention_feed="output"` (`OutputAttentionDecoder`) it looks after each
-  word's LSTM step instead of before, so teacher forcing needs no loop of
-  its own;
+- "attention": the LSTM looks at the encoder's feature grid afresh for
+  every word; by default (`attention_feed="output"`,
+  `OutputAttentionDecoder`) after each word's LSTM step, so teacher forcing
+  needs no loop of its own; with "input" (`AttentionDecoder`, Show, Attend
+  and Tell, every pack before the sixteenth session) before it;
 - "merge" (`MergeDecoder`): the classic tutorials' design, the image vector
   added to the LSTM's output; the reference point the others must beat.
 
