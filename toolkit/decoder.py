@@ -346,7 +346,7 @@ def _on_real_tokens(head, y, tokens):
     """head(y) for y (n, T, d) at the real (non-padding) positions of tokens (n, T); zeros at the padding.
 
     The per-token head is the largest product of a training step, and batches
-    pad to their longest caption (by 20-35% on Flickr8k); the loss masks the
+    pad to their longest caption (by photo, 20.3 tokens for 14.3 on Flickr8k); the loss masks the
     padding anyway, so its logits are never computed.
     """
     where = tf.where(tokens != PAD_ID)
