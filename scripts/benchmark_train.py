@@ -89,11 +89,12 @@ def step_flops(cfg, n_captions: int, n_images: int, padded_len: float, grid_cell
     Per token, every decoder runs its LSTM gates ((input + U) x 4U) and the
     head (U, 2U or, with deep output, 2U x E + E, x vocab); attention adds
     the query (U x A, A the attention's width), the scores (P x A) and the
-    context (P x U) (with dot-product scores over a batch of images, m*P x
-    (A + U) against all of its m images at once). Per image (or per caption where an image's work
-    is done per caption, `n_images == n_captions`): the pooled decoders'
-    image layers (2048 x U, twice for lstm), attention's projection
-    (P x 2048 x U), keys (P x U x A) and initial state (2 x U x U). The
+    context (P x U); dot-product scores over a batch of images run m*P x
+    (A + U) against all of its m images at once. Per image (or per caption
+    where an image's work is done per caption, `n_images == n_captions`):
+    the pooled decoders' image layers (2048 x U, twice for lstm),
+    attention's projection (P x 2048 x U), keys (P x U x A) and initial
+    state (2 x U x U). The
     attention loop and every head run only over real tokens (`real_len`
     each); the attention's embedding share of the gates runs over
     `padded_len`.

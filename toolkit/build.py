@@ -498,8 +498,8 @@ def _run_key(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig, encoder_id:
     return hashlib.sha256(json.dumps(
         # Without the strategy: a run interrupted on GPUs may resume on a CPU, the weights are the same. So
         # without the precision each of them picks by itself (float16 on GPUs, float32 on CPUs); bfloat16, asked
-        # for by name, is a run of its own. Fields added later count only when set: a build begun before they
-        # existed still resumes.
+        # for by name, is a run of its own. Fields added later count only where they differ from the default
+        # they had when they joined (KEYED_DEFAULTS where it has changed since): a build begun before still resumes.
         [lang, {k: v for k, v in asdict(dec_cfg).items() if k not in ADDED_FIELDS["DecoderConfig"] or v != defaults[k]},
          {k: v for k, v in asdict(tr_cfg).items()
           # Self-critical settings only shape the fine-tuning after it, which keeps checkpoints of its own.
