@@ -17,6 +17,18 @@ seeds): it is then scored by its runs' mean BLEU-4.
     python scripts/recipe.py compare --lang en --packs-dir runs/exp/en_s0 runs/exp/en_s1 \
         --against runs/exp/plain_s0 runs/exp/plain_s1 --search 5,0.5,3 --against-search 5,0,0
 
+captions: one pack's captions of the split under one search, with its
+scores and what the pack was built with, written to a JSON file. `compare`
+takes such a file wherever it takes a packs dir, so a pack built on one
+machine (or in one session) can be paired with one built on another after
+the first is gone. The self-critical stage does not repeat itself to the
+digit across CPUs, so a pack's captions cannot be had again by rebuilding it.
+
+    python scripts/recipe.py captions --lang en --packs-dir runs/sc0 --search 5,0.5,3 \
+        --out docs/captions/en-defaults-seed0.json
+    python scripts/recipe.py compare --lang en --packs-dir runs/merge0 --search 5,0.5,3 \
+        --against docs/captions/en-defaults-seed0.json
+
 ensemble: packs of one language with the same tokenizer (trained with other
 settings or seeds), each alone and all together: one beam search over their
 averaged next-token probabilities, with the paired bootstrap of the
@@ -71,18 +83,65 @@ def sweep(args) -> None:
                 f.write(json.dumps({k: v for k, v in r.items() if k not in ("captions", "baselines")}) + "\n")
 
 
-def compare(args) -> None:
+def _saved(path: Path, lang: str) -> dict:
+    """A `captions` file, read as `_evaluate`'s result for its pack; a clear error for anything else."""
+    from toolkit.errors import CapkitError
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(saved, dict) and isinstance(saved.get("captions"), dict) and isinstance(saved.get("scores"), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CapkitError(f"{path}: not a captions file written by `recipe.py captions` ({e})") from e
+    if not ok:
+        raise CapkitError(f"{path}: not a captions file written by `recipe.py captions` (no captions or scores)")
+    if saved.get("lang") != lang:
+        raise CapkitError(f"{path}: captions in {saved.get('lang')!r}, not {lang!r}")
+    return {**saved["scores"], "captions": saved["captions"], "search": saved.get("search")}
+
+
+def _side(entries: list[Path], search: str, args) -> list[dict]:
+    """Each entry's captions: a packs dir is captioned under `search`, a captions file is read as it was saved."""
+    return [_saved(e, args.lang) if e.is_file() else {**_evaluate(e, args.lang, args, _search(search), 0), "search": search}
+            for e in entries]
+
+
+def _references(args) -> dict:
     from toolkit.data import group_by_image, read_captions
-    from toolkit.evaluate import paired_bootstrap
+    from toolkit.errors import CapkitError
     from toolkit.pack import REFERENCES_FILE, find_pack
 
-    sides = [[_evaluate(d, args.lang, args, _search(args.search), 0) for d in args.packs_dir],
-             [_evaluate(d, args.lang, args, _search(args.against_search), 0) for d in args.against]]
-    refs_all = group_by_image(read_captions(find_pack(args.packs_dir[0], args.lang) / REFERENCES_FILE).captions)
-    refs = {n: refs_all[n] for n in sides[0][0]["captions"]}
+    if args.references:
+        return group_by_image(read_captions(args.references).captions)
+    dirs = [d for d in [*args.packs_dir, *args.against] if not d.is_file()]
+    if not dirs:
+        raise CapkitError("both sides are captions files: name the references with --references "
+                          "(a pack's references.txt)")
+    return group_by_image(read_captions(find_pack(dirs[0], args.lang) / REFERENCES_FILE).captions)
+
+
+def captions(args) -> None:
+    from toolkit.pipeline import load_pack
+
+    r = _evaluate(args.packs_dir, args.lang, args, _search(args.search), args.bootstrap)
+    manifest = load_pack(args.packs_dir, args.lang).manifest
+    saved = {"lang": args.lang, "pack": str(args.packs_dir), "search": args.search, "split": args.split.name,
+             "images": str(args.images), "built_with": {k: manifest.get(k) for k in ("decoder", "tokenizer", "train", "training")},
+             "scores": {k: v for k, v in r.items() if k not in ("captions", "baselines")}, "captions": r["captions"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(saved, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    print(f"{args.lang}: {len(r['captions'])} captions of {args.packs_dir} ({args.search}): BLEU-1 {r['bleu1']:.1f} "
+          f"BLEU-4 {r['bleu4']:.1f}, CIDEr-D {r['cider_d']:.1f} -> {args.out}")
+
+
+def compare(args) -> None:
+    from toolkit.evaluate import paired_bootstrap
+
+    sides = [_side(args.packs_dir, args.search, args), _side(args.against, args.against_search, args)]
+    refs_all = _references(args)
+    refs = {n: refs_all[n] for n in sides[0][0]["captions"] if n in refs_all}
     pb = paired_bootstrap(*([r["captions"] for r in side] for side in sides), refs, args.lang, n=args.bootstrap)
-    for name, dirs, search, side in (("a", args.packs_dir, args.search, sides[0]),
-                                     ("b", args.against, args.against_search, sides[1])):
+    for name, dirs, side in (("a", args.packs_dir, sides[0]), ("b", args.against, sides[1])):
+        search = ", ".join(dict.fromkeys(r["search"] for r in side))
         runs = ", ".join(f"{d} ({r['bleu4']:.1f})" for d, r in zip(dirs, side)) if len(side) > 1 else str(dirs[0])
         ci = pb[f"ci_{name}"]
         print(f"{args.lang}: {name} = {runs} ({search}): BLEU-1 {np.mean([r['bleu1'] for r in side]):.1f} "
@@ -162,10 +221,11 @@ def ensemble(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("sweep", "compare", "ensemble"):
+    for name in ("sweep", "compare", "ensemble", "captions"):
         p = sub.add_parser(name)
         p.add_argument("--lang", required=True)
-        p.add_argument("--packs-dir", type=Path, required=True, nargs="+" if name == "compare" else None)
+        p.add_argument("--packs-dir", type=Path, required=True, nargs="+" if name == "compare" else None,
+                       help="packs dir(s) of a, or files written by `captions`" if name == "compare" else None)
         p.add_argument("--images", type=Path, default=DATA / "Images224")  # the whole train and dev splits
         p.add_argument("--split", type=Path, default=DATA / "Flickr_8k.devImages.txt")
         p.add_argument("--bootstrap", type=int, default=0 if name == "sweep" else 1000)
@@ -176,17 +236,21 @@ def main() -> None:
     s.add_argument("--json", type=Path, help="append each row's scores here")
     c = sub.choices["compare"]
     c.add_argument("--search", default="3,0,0", help="beam,length_penalty,no_repeat_ngram of a")
-    c.add_argument("--against", type=Path, required=True, nargs="+", help="packs dir(s) of b")
+    c.add_argument("--against", type=Path, required=True, nargs="+", help="packs dir(s) of b, or `captions` files")
+    c.add_argument("--references", type=Path, help="captions file of the references (default: the first pack's)")
     c.add_argument("--against-search", default="3,0,0", help="beam,length_penalty,no_repeat_ngram of b")
     e = sub.choices["ensemble"]
     e.add_argument("--with", dest="members", type=Path, action="append", required=True, help="packs dir of another member")
     e.add_argument("--search", default="5,0.5,3", help="beam,length_penalty,no_repeat_ngram")
+    o = sub.choices["captions"]
+    o.add_argument("--search", default="5,0.5,3", help="beam,length_penalty,no_repeat_ngram")
+    o.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = ap.parse_args()
 
     from toolkit.errors import CapkitError
 
     try:
-        {"sweep": sweep, "compare": compare, "ensemble": ensemble}[args.command](args)
+        {"sweep": sweep, "compare": compare, "ensemble": ensemble, "captions": captions}[args.command](args)
     except CapkitError as e:
         sys.exit(f"error: {e}")
 

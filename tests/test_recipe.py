@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -202,7 +203,7 @@ def test_recipe_compare_scores_a_side_of_several_runs_by_their_mean(tiny_packs, 
     spec.loader.exec_module(recipe)
     args = argparse.Namespace(lang="en", packs_dir=[tiny_packs, tiny_packs], against=[tiny_packs],
                               search="3,0,0", against_search="3,0,0", images=tiny_dataset["images"],
-                              split=tiny_dataset["dev"], bootstrap=50)
+                              split=tiny_dataset["dev"], bootstrap=50, references=None)
     recipe.compare(args)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"en: a = {tiny_packs} (") and out[0].count(str(tiny_packs)) == 2
@@ -210,6 +211,52 @@ def test_recipe_compare_scores_a_side_of_several_runs_by_their_mean(tiny_packs, 
     # The same pack twice, under the same search, is that pack: no difference on any resample.
     assert out[2].startswith("en: a - b BLEU-4 +0.0 (95% CI +0.0 to +0.0); a better in 0.0% of 50")
     assert out[2].endswith("; CIDEr-D +0.0 (95% CI +0.0 to +0.0)") and "CIDEr-D" in out[0]
+
+
+def test_recipe_captions_file_stands_in_for_its_pack_in_compare(tiny_packs, tiny_dataset, tmp_path, capsys):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "scripts" / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    saved = tmp_path / "caps" / "en-tiny.json"
+    common = dict(lang="en", images=tiny_dataset["images"], split=tiny_dataset["dev"])
+    recipe.captions(argparse.Namespace(**common, packs_dir=tiny_packs, search="3,0,0", bootstrap=0, out=saved))
+    written = json.loads(saved.read_text(encoding="utf-8"))
+    assert written["lang"] == "en" and written["search"] == "3,0,0" and written["built_with"]["decoder"]
+    assert capsys.readouterr().out.startswith(f"en: {len(written['captions'])} captions of {tiny_packs} (3,0,0)")
+
+    # The pack against its own saved captions, either way round: the same captions, no difference.
+    # (A file keeps the search it was captioned with, whatever its side's --search says.)
+    for a, b, search in (([tiny_packs], [saved], ("3,0,0", "5,0.5,3")), ([saved], [tiny_packs], ("5,0.5,3", "3,0,0"))):
+        recipe.compare(argparse.Namespace(**common, packs_dir=a, against=b, search=search[0], against_search=search[1],
+                                          bootstrap=50, references=None))
+        out = capsys.readouterr().out.splitlines()
+        assert "(3,0,0): BLEU-1" in out[0] and "(3,0,0): BLEU-1" in out[1]
+        assert out[0].split("): ")[1] == out[1].split("): ")[1]  # BLEU-1, BLEU-4 and CIDEr-D alike
+        assert f"BLEU-1 {written['scores']['bleu1']:.1f} BLEU-4 {written['scores']['bleu4']:.1f} (" in out[0]
+        assert out[2].startswith("en: a - b BLEU-4 +0.0 (95% CI +0.0 to +0.0)")
+
+    # Both sides files: the references must be named; a file that is not one, or of another language, is refused.
+    args = argparse.Namespace(**common, packs_dir=[saved], against=[saved], search="3,0,0", against_search="3,0,0",
+                              bootstrap=10, references=None)
+    from toolkit.errors import CapkitError
+
+    with pytest.raises(CapkitError, match="--references"):
+        recipe.compare(args)
+    from toolkit.pack import REFERENCES_FILE, find_pack
+
+    args.references = find_pack(tiny_packs, "en") / REFERENCES_FILE
+    recipe.compare(args)
+    assert capsys.readouterr().out.splitlines()[2].startswith("en: a - b BLEU-4 +0.0")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(CapkitError, match="bad.json: not a captions file"):
+        recipe.compare(argparse.Namespace(**common, packs_dir=[tiny_packs], against=[bad], search="3,0,0",
+                                          against_search="3,0,0", bootstrap=10, references=None))
+    with pytest.raises(CapkitError, match="captions in 'en', not 'zh'"):
+        recipe._saved(saved, "zh")
 
 
 def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tiny_dataset, capsys):
