@@ -126,7 +126,7 @@ def captions(args) -> None:
     manifest = load_pack(args.packs_dir, args.lang).manifest
     saved = {"lang": args.lang, "pack": str(args.packs_dir), "search": args.search, "split": args.split.name,
              "images": str(args.images), "built_with": {k: manifest.get(k) for k in ("decoder", "tokenizer", "train", "training")},
-             "scores": {k: v for k, v in r.items() if k not in ("captions", "baselines")}, "captions": r["captions"]}
+             "scores": {k: v for k, v in r.items() if k not in ("captions", "caption_ids", "baselines")}, "captions": r["captions"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(saved, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print(f"{args.lang}: {len(r['captions'])} captions of {args.packs_dir} ({args.search}): BLEU-1 {r['bleu1']:.1f} "
