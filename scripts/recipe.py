@@ -96,7 +96,7 @@ def _saved(path: Path, lang: str) -> dict:
         raise CapkitError(f"{path}: not a captions file written by `recipe.py captions` (no captions or scores)")
     if saved.get("lang") != lang:
         raise CapkitError(f"{path}: captions in {saved.get('lang')!r}, not {lang!r}")
-    return {**saved["scores"], "captions": saved["captions"], "search": saved.get("search")}
+    return {**saved["scores"], "captions": saved["captions"], "search": saved.get("search", "search not saved")}
 
 
 def _side(entries: list[Path], search: str, args) -> list[dict]:
@@ -134,11 +134,16 @@ def captions(args) -> None:
 
 
 def compare(args) -> None:
+    from toolkit.errors import CapkitError
     from toolkit.evaluate import paired_bootstrap
 
     sides = [_side(args.packs_dir, args.search, args), _side(args.against, args.against_search, args)]
     refs_all = _references(args)
-    refs = {n: refs_all[n] for n in sides[0][0]["captions"] if n in refs_all}
+    missing = sorted(set(sides[0][0]["captions"]) - set(refs_all))
+    if missing:
+        raise CapkitError(f"{len(missing)} captioned images have no references ({', '.join(missing[:3])}): "
+                          "name those the packs were scored against with --references")
+    refs = {n: refs_all[n] for n in sides[0][0]["captions"]}
     pb = paired_bootstrap(*([r["captions"] for r in side] for side in sides), refs, args.lang, n=args.bootstrap)
     for name, dirs, side in (("a", args.packs_dir, sides[0]), ("b", args.against, sides[1])):
         search = ", ".join(dict.fromkeys(r["search"] for r in side))

@@ -255,6 +255,11 @@ def test_recipe_captions_file_stands_in_for_its_pack_in_compare(tiny_packs, tiny
     with pytest.raises(CapkitError, match="bad.json: not a captions file"):
         recipe.compare(argparse.Namespace(**common, packs_dir=[tiny_packs], against=[bad], search="3,0,0",
                                           against_search="3,0,0", bootstrap=10, references=None))
+    other = tmp_path / "other_refs.txt"  # references of other images than those captioned
+    other.write_text("elsewhere.jpg#0\tA dog runs.\n", encoding="utf-8")
+    args.references = other
+    with pytest.raises(CapkitError, match="captioned images have no references"):
+        recipe.compare(args)
     with pytest.raises(CapkitError, match="captions in 'en', not 'zh'"):
         recipe._saved(saved, "zh")
 
