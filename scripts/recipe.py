@@ -120,10 +120,10 @@ def _references(args) -> dict:
 
 
 def captions(args) -> None:
-    from toolkit.pipeline import load_pack
+    from toolkit.pack import find_pack, load_manifest
 
     r = _evaluate(args.packs_dir, args.lang, args, _search(args.search), args.bootstrap)
-    manifest = load_pack(args.packs_dir, args.lang).manifest
+    manifest = load_manifest(find_pack(args.packs_dir, args.lang))
     saved = {"lang": args.lang, "pack": str(args.packs_dir), "search": args.search, "split": args.split.name,
              "images": str(args.images), "built_with": {k: manifest.get(k) for k in ("decoder", "tokenizer", "train", "training")},
              "scores": {k: v for k, v in r.items() if k not in ("captions", "caption_ids", "baselines")}, "captions": r["captions"]}

@@ -171,15 +171,21 @@ def test_auto_tokenizer_is_characters_where_bleu_counts_characters(tiny_packs):
     assert "".join(pieces) == text.replace(" ", "") and all(len(p) <= 1 for p in pieces)
 
 
-def test_recipe_ensemble_averages_the_members_probabilities():
+def _recipe_script():
+    """scripts/recipe.py as a module (scripts are not a package)."""
     import importlib.util
-
-    from test_generate_tf import BOS, EOS, random_step_model
-    from toolkit.generate import beam_search
 
     spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "scripts" / "recipe.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
+    return recipe
+
+
+def test_recipe_ensemble_averages_the_members_probabilities():
+    from test_generate_tf import BOS, EOS, random_step_model
+    from toolkit.generate import beam_search
+
+    recipe = _recipe_script()
     a, feats = random_step_model("lstm", 0)
     b, _ = random_step_model("merge", 0)
     alone = beam_search(a, feats, BOS, EOS, beam=3, max_length=12)
@@ -196,11 +202,8 @@ def test_recipe_ensemble_averages_the_members_probabilities():
 
 def test_recipe_compare_scores_a_side_of_several_runs_by_their_mean(tiny_packs, tiny_dataset, capsys):
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "scripts" / "recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = _recipe_script()
     args = argparse.Namespace(lang="en", packs_dir=[tiny_packs, tiny_packs], against=[tiny_packs],
                               search="3,0,0", against_search="3,0,0", images=tiny_dataset["images"],
                               split=tiny_dataset["dev"], bootstrap=50, references=None)
@@ -215,11 +218,8 @@ def test_recipe_compare_scores_a_side_of_several_runs_by_their_mean(tiny_packs, 
 
 def test_recipe_captions_file_stands_in_for_its_pack_in_compare(tiny_packs, tiny_dataset, tmp_path, capsys):
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "scripts" / "recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = _recipe_script()
     saved = tmp_path / "caps" / "en-tiny.json"
     common = dict(lang="en", images=tiny_dataset["images"], split=tiny_dataset["dev"])
     recipe.captions(argparse.Namespace(**common, packs_dir=tiny_packs, search="3,0,0", bootstrap=0, out=saved))
@@ -266,11 +266,8 @@ def test_recipe_captions_file_stands_in_for_its_pack_in_compare(tiny_packs, tiny
 
 def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tiny_dataset, capsys):
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "scripts" / "recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = _recipe_script()
     args = argparse.Namespace(lang="en", packs_dir=tiny_packs, members=[tiny_packs], search="3,0,0",
                               images=tiny_dataset["images"], split=tiny_dataset["dev"], bootstrap=50)
     recipe.ensemble(args)
