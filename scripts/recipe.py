@@ -33,6 +33,8 @@ ensemble: packs of one language with the same tokenizer (trained with other
 settings or seeds), each alone and all together: one beam search over their
 averaged next-token probabilities, with the paired bootstrap of the
 ensemble against its members' mean BLEU-4 (`--bootstrap 0` skips it).
+`--out FILE` writes the ensemble's captions as `captions` does, so that
+`compare` can pair it with one member, or with any other system.
 
     python scripts/recipe.py ensemble --lang en --packs-dir runs/exp/en_a --with runs/exp/en_b --search 5,0.5,3
 
@@ -119,18 +121,27 @@ def _references(args) -> dict:
     return group_by_image(read_captions(find_pack(dirs[0], args.lang) / REFERENCES_FILE).captions)
 
 
+def _built_with(manifest: dict) -> dict:
+    return {k: manifest.get(k) for k in ("decoder", "tokenizer", "train", "training")}
+
+
+def _write_captions(args, pack: str, built_with, scores: dict, captions: dict) -> None:
+    """The file `_saved` reads back: one system's captions of the split, its scores and what it was built with."""
+    saved = {"lang": args.lang, "pack": pack, "search": args.search, "split": args.split.name, "images": str(args.images),
+             "built_with": built_with, "scores": scores, "captions": captions}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(saved, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    print(f"{args.lang}: {len(captions)} captions of {pack} ({args.search}): BLEU-1 {scores['bleu1']:.1f} "
+          f"BLEU-4 {scores['bleu4']:.1f}, CIDEr-D {scores['cider_d']:.1f} -> {args.out}")
+
+
 def captions(args) -> None:
     from toolkit.pack import find_pack, load_manifest
 
     r = _evaluate(args.packs_dir, args.lang, args, _search(args.search), args.bootstrap)
     manifest = load_manifest(find_pack(args.packs_dir, args.lang))
-    saved = {"lang": args.lang, "pack": str(args.packs_dir), "search": args.search, "split": args.split.name,
-             "images": str(args.images), "built_with": {k: manifest.get(k) for k in ("decoder", "tokenizer", "train", "training")},
-             "scores": {k: v for k, v in r.items() if k not in ("captions", "caption_ids", "baselines")}, "captions": r["captions"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(saved, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    print(f"{args.lang}: {len(r['captions'])} captions of {args.packs_dir} ({args.search}): BLEU-1 {r['bleu1']:.1f} "
-          f"BLEU-4 {r['bleu4']:.1f}, CIDEr-D {r['cider_d']:.1f} -> {args.out}")
+    scores = {k: v for k, v in r.items() if k not in ("captions", "caption_ids", "baselines")}
+    _write_captions(args, str(args.packs_dir), _built_with(manifest), scores, r["captions"])
 
 
 def compare(args) -> None:
@@ -184,7 +195,7 @@ def ensemble(args) -> None:
     from toolkit.data import group_by_image, read_captions, read_split
     from toolkit.encoder import Encoder
     from toolkit.errors import CapkitError
-    from toolkit.evaluate import corpus_bleu_scores, paired_bootstrap
+    from toolkit.evaluate import corpus_bleu_scores, paired_bootstrap, repetition_rate
     from toolkit.generate import beam_search
     from toolkit.pack import REFERENCES_FILE, TOKENIZER_FILE
     from toolkit.pipeline import load_pack
@@ -221,6 +232,10 @@ def ensemble(args) -> None:
         print(f"{args.lang}: ensemble - members' mean BLEU-4 {pb['bleu4_a'] - pb['bleu4_b']:+.1f} "
               f"(95% CI {lo:+.1f} to {hi:+.1f}); ensemble better in {100 * pb['p_a_better']:.1f}% of {pb['n']} resamples; "
               f"CIDEr-D {pb['cider_d_a'] - pb['cider_d_b']:+.1f} (95% CI {clo:+.1f} to {chi:+.1f})")
+    if args.out:  # the ensemble's captions, for `compare` against one member or another system
+        scores = {**corpus_bleu_scores(captions[-1], refs, args.lang).to_dict(), **search, "system": "ensemble",
+                  "repetition": repetition_rate(list(captions[-1].values()), args.lang)}
+        _write_captions(args, " + ".join(map(str, dirs)), [_built_with(p.manifest) for p in packs], scores, captions[-1])
 
 
 def main() -> None:
@@ -247,6 +262,7 @@ def main() -> None:
     e = sub.choices["ensemble"]
     e.add_argument("--with", dest="members", type=Path, action="append", required=True, help="packs dir of another member")
     e.add_argument("--search", default="5,0.5,3", help="beam,length_penalty,no_repeat_ngram")
+    e.add_argument("--out", type=Path, help="also write the ensemble's captions here, as `captions` does")
     o = sub.choices["captions"]
     o.add_argument("--search", default="5,0.5,3", help="beam,length_penalty,no_repeat_ngram")
     o.add_argument("--out", type=Path, required=True, help="the JSON file to write")

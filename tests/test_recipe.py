@@ -264,17 +264,31 @@ def test_recipe_captions_file_stands_in_for_its_pack_in_compare(tiny_packs, tiny
         recipe._saved(saved, "zh")
 
 
-def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tiny_dataset, capsys):
+def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tiny_dataset, tmp_path, capsys):
     import argparse
 
     recipe = _recipe_script()
-    args = argparse.Namespace(lang="en", packs_dir=tiny_packs, members=[tiny_packs], search="3,0,0",
-                              images=tiny_dataset["images"], split=tiny_dataset["dev"], bootstrap=50)
+    saved = tmp_path / "en-ensemble.json"
+    common = dict(lang="en", images=tiny_dataset["images"], split=tiny_dataset["dev"])
+    args = argparse.Namespace(**common, packs_dir=tiny_packs, members=[tiny_packs], search="3,0,0", bootstrap=50,
+                              out=saved)
     recipe.ensemble(args)
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == [f"en {tiny_packs}", f"en {tiny_packs}",
-                                                    f"en {tiny_packs} + {tiny_packs}", "en"]
+                                                    f"en {tiny_packs} + {tiny_packs}", "en", "en"]
     scores = {line.split(": ", 1)[1] for line in out[:3]}
     assert len(scores) == 1 and "CIDEr-D" in out[0]  # a pack with itself is that pack
     assert out[3].startswith("en: ensemble - members' mean BLEU-4 +0.0 (95% CI +0.0 to +0.0); ensemble better in 0.0% of 50")
     assert out[3].endswith("; CIDEr-D +0.0 (95% CI +0.0 to +0.0)")
+    assert out[4].startswith("en: ") and out[4].endswith(f"-> {saved}")
+
+    # The saved ensemble stands in for itself in `compare`: against its member it is that member, on every resample.
+    written = json.loads(saved.read_text(encoding="utf-8"))
+    assert written["pack"] == f"{tiny_packs} + {tiny_packs}" and len(written["built_with"]) == 2
+    assert written["search"] == "3,0,0" and written["scores"]["beam"] == 3
+    recipe.compare(argparse.Namespace(**common, packs_dir=[saved], against=[tiny_packs], search="5,0.5,3",
+                                      against_search="3,0,0", bootstrap=50, references=None))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split("): ")[1] == out[1].split("): ")[1]  # BLEU-1, BLEU-4, CIDEr-D and repeats alike
+    assert f"BLEU-4 {written['scores']['bleu4']:.1f} (" in out[0]
+    assert out[2].startswith("en: a - b BLEU-4 +0.0 (95% CI +0.0 to +0.0)")
