@@ -200,6 +200,7 @@ def ensemble(args) -> None:
     from toolkit.pack import REFERENCES_FILE, TOKENIZER_FILE
     from toolkit.pipeline import load_pack
     from toolkit.tokenizer import BOS_ID, EOS_ID
+    from toolkit.written import written_form
 
     dirs = [args.packs_dir, *args.members]
     packs = [load_pack(d, args.lang) for d in dirs]
@@ -221,7 +222,7 @@ def ensemble(args) -> None:
         ids = [c for i in range(0, len(features), 64)
                for c in beam_search(model, features[i : i + 64], BOS_ID, EOS_ID, search["beam"], 40,
                                     search["length_penalty"], search["no_repeat_ngram"])]
-        captions.append(dict(zip(names, packs[0].tokenizer.decode(ids))))
+        captions.append({n: written_form(t, args.lang) for n, t in zip(names, packs[0].tokenizer.decode(ids))})
         s = corpus_bleu_scores(captions[-1], refs, args.lang).to_dict()
         label = " + ".join(str(dirs[i]) for i in members)
         print(f"{args.lang} {label}: BLEU-1 {s['bleu1']:.1f} BLEU-4 {s['bleu4']:.1f} CIDEr-D {s['cider_d']:.1f}")

@@ -286,6 +286,10 @@ def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tin
     written = json.loads(saved.read_text(encoding="utf-8"))
     assert written["pack"] == f"{tiny_packs} + {tiny_packs}" and len(written["built_with"]) == 2
     assert written["search"] == "3,0,0" and written["scores"]["beam"] == 3
+    alone = tmp_path / "en-alone.json"  # the pack's own captions, as `caption` writes them
+    recipe.captions(argparse.Namespace(**common, packs_dir=tiny_packs, search="3,0,0", bootstrap=0, out=alone))
+    assert written["captions"] == json.loads(alone.read_text(encoding="utf-8"))["captions"]  # written form alike
+    capsys.readouterr()
     recipe.compare(argparse.Namespace(**common, packs_dir=[saved], against=[tiny_packs], search="5,0.5,3",
                                       against_search="3,0,0", bootstrap=50, references=None))
     out = capsys.readouterr().out.splitlines()
