@@ -286,7 +286,7 @@ def test_recipe_ensemble_reports_each_member_and_the_paired_gain(tiny_packs, tin
     written = json.loads(saved.read_text(encoding="utf-8"))
     assert written["pack"] == f"{tiny_packs} + {tiny_packs}" and len(written["built_with"]) == 2
     assert written["search"] == "3,0,0" and written["scores"]["beam"] == 3
-    alone = tmp_path / "en-alone.json"  # the pack's own captions, as `caption` writes them
+    alone = tmp_path / "en-alone.json"  # the pack's own captions, as `recipe.py captions` writes them
     recipe.captions(argparse.Namespace(**common, packs_dir=tiny_packs, search="3,0,0", bootstrap=0, out=alone))
     assert written["captions"] == json.loads(alone.read_text(encoding="utf-8"))["captions"]  # written form alike
     capsys.readouterr()
