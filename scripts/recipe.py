@@ -233,9 +233,8 @@ def ensemble(args) -> None:
         print(f"{args.lang}: ensemble - members' mean BLEU-4 {pb['bleu4_a'] - pb['bleu4_b']:+.1f} "
               f"(95% CI {lo:+.1f} to {hi:+.1f}); ensemble better in {100 * pb['p_a_better']:.1f}% of {pb['n']} resamples; "
               f"CIDEr-D {pb['cider_d_a'] - pb['cider_d_b']:+.1f} (95% CI {clo:+.1f} to {chi:+.1f})")
-    if args.out:  # the ensemble's captions, for `compare` against one member or another system
-        scores = {**corpus_bleu_scores(captions[-1], refs, args.lang).to_dict(), **search, "system": "ensemble",
-                  "repetition": repetition_rate(list(captions[-1].values()), args.lang)}
+    if args.out:  # the ensemble's captions (`s`: the last row's scores), for `compare` against a member or another system
+        scores = {**s, **search, "system": "ensemble", "repetition": repetition_rate(list(captions[-1].values()), args.lang)}
         _write_captions(args, " + ".join(map(str, dirs)), [_built_with(p.manifest) for p in packs], scores, captions[-1])
 
 
