@@ -172,3 +172,28 @@ def test_fine_tuning_an_output_fed_attention_decoder_on_grids(tokenizer, tmp_pat
     ids = beam_search_tf(model, dev_grids, BOS_ID, EOS_ID, beam=1, max_length=8)
     hyps = [bleu_tokenize(t, "en") for t in tokenizer.decode(ids)]
     assert CiderD(dev_refs).score(hyps, range(len(hyps))).mean() == pytest.approx(best["dev_cider_d"], abs=1e-6)
+
+
+def test_without_dropout_the_gradient_step_scores_the_samples_by_the_policy_that_drew_them(tokenizer):
+    """The loss's log-probabilities are the step-by-step ones the sampler used; with dropout on they are not."""
+    import keras
+
+    feats, _ = _task(1)
+    keras.utils.set_random_seed(0)
+    cfg = DecoderConfig(vocab_size=tokenizer.vocab_size, feature_dim=8, embed_dim=16, units=32, dropout=0.5, max_length=8)
+    model = dec.training_model(cfg, TrainConfig(), feats)
+    model.head.kernel.assign(model.head.kernel * 10)  # peaked, as a trained model's, so dropout shows in its output
+    ids = sc.sampler(model, samples=6, max_length=8)(feats[:2], np.array([1, 2], np.int32)).numpy()
+    images = np.repeat(feats[:2], 6, axis=0)
+    adv = np.linspace(-1, 1, len(ids)).astype(np.float32)
+    # The sampler's own log-probabilities: one step at a time from the initial state, feeding the samples back.
+    state, tokens, total = model.initial_state(images), np.full(len(ids), BOS_ID, np.int32), 0.0
+    for t in range(ids.shape[1]):
+        logp, *state = model.step(tokens, *state)
+        real = ids[:, t] != PAD_ID
+        total += float(np.sum(adv[real] * logp.numpy()[real, ids[real, t]]))
+        tokens = ids[:, t]
+    expected = -total / np.sum(ids != PAD_ID)
+    inputs = sc._teacher_inputs(ids)
+    assert float(sc.policy_loss(model, images, inputs, ids, adv, training=False)) == pytest.approx(expected, rel=1e-4)
+    assert float(sc.policy_loss(model, images, inputs, ids, adv, training=True)) != pytest.approx(expected, rel=1e-2)

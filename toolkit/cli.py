@@ -221,6 +221,10 @@ def build_pack(
     self_critical_lr_schedule: str = typer.Option(
         TrainConfig.self_critical_lr_schedule, "--self-critical-lr-schedule",
         help="constant, or cosine: from --self-critical-lr down to 0 over the self-critical epochs."),
+    self_critical_dropout: bool = typer.Option(
+        TrainConfig.self_critical_dropout, "--self-critical-dropout/--no-self-critical-dropout",
+        help="Dropout in the self-critical gradient step. The captions are sampled without it; off, the step "
+             "follows the policy that sampled them."),
     precision: str = typer.Option(TrainConfig.precision, "--precision",
                                   help="Training's arithmetic: auto (float16 on a GPU, else float32), float32, bfloat16 "
                                   "(extraction, teacher forcing and self-critical steps; 1.25-1.7x on CPUs with "
@@ -314,7 +318,8 @@ def build_pack(
                                  lr_schedule=lr_schedule, clipnorm=clipnorm, label_smoothing=label_smoothing,
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy,
                                  self_critical_epochs=self_critical_epochs, self_critical_lr=self_critical_lr,
-                                 self_critical_lr_schedule=self_critical_lr_schedule, precision=precision),
+                                 self_critical_lr_schedule=self_critical_lr_schedule,
+                                 self_critical_dropout=self_critical_dropout, precision=precision),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )
     if not result.chief:

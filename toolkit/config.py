@@ -127,6 +127,9 @@ class TrainConfig:
                                 # the self-critical epochs, step by step
     self_critical_samples: int = 5  # captions sampled per image and step; each is judged against the others' mean
     self_critical_batch: int = 50   # images per self-critical step
+    self_critical_dropout: bool = True  # dropout on in the gradient step. The samples are drawn without it, so
+                                # with it the step raises the log-probabilities of another policy than the one
+                                # sampled (a fresh mask each step); off, the gradient is the sampled policy's own
     seed: int = 0               # shuffling and initialisation
     precision: str = "auto"     # training's arithmetic: "float16" (Keras mixed_float16, for GPUs' tensor cores;
                                 # teacher forcing only), "bfloat16" (mixed_bfloat16, for CPUs with AVX512_BF16 or
@@ -163,7 +166,7 @@ ADDED_FIELDS = {
     "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0,
                     "self_critical_epochs": 0, "self_critical_lr": 5e-4, "self_critical_samples": 5,
                     "self_critical_lr_schedule": "constant", "precision": "auto",
-                    "self_critical_batch": 50},
+                    "self_critical_batch": 50, "self_critical_dropout": True},
 }
 
 

@@ -61,6 +61,7 @@ def _self_critical_line(t: dict, tc: dict) -> list[str]:
         return []
     by_epoch = {h["epoch"]: h["dev_cider_d"] for h in sc["history"]}
     return [f"- then {sc['epoch']} epochs of self-critical training on CIDEr-D (Adam from {tc['self_critical_lr']}"
-            f"{', cosine to 0' if tc.get('self_critical_lr_schedule') == 'cosine' else ''}, "
+            f"{', cosine to 0' if tc.get('self_critical_lr_schedule') == 'cosine' else ''}"
+            f"{', no dropout' if tc.get('self_critical_dropout') is False else ''}, "
             f"{tc['self_critical_samples']} samples an image): dev CIDEr-D of greedy captions {by_epoch[0]:.1f} before, "
             f"{by_epoch[sc['best_epoch']]:.1f} at the epoch kept ({sc['best_epoch']})"]

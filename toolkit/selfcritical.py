@@ -13,7 +13,10 @@ An epoch goes over every training image once, in batches of
 `TrainConfig.self_critical_batch` images with `self_critical_samples`
 captions each, at Adam's `self_critical_lr` (constant, or falling to 0 by
 a cosine over every step of every epoch: `self_critical_lr_schedule`), in
-mixed bfloat16 where `TrainConfig.precision` asks for it.
+mixed bfloat16 where `TrainConfig.precision` asks for it. The samples are
+drawn without dropout; the gradient step runs with it
+(`self_critical_dropout`, on as in every pack so far) or without, when it is
+exactly the gradient of the policy that drew them.
 After each epoch the dev photos are captioned greedily and scored by
 CIDEr-D (document frequencies of the dev references); the best weights are
 kept, epoch 0 (the teacher-forced model) included, so the fine-tuning
@@ -105,6 +108,20 @@ def learning_rate(train_config: TrainConfig, step: int, total: int) -> float:
     return float(train_config.self_critical_lr)
 
 
+def policy_loss(model, feats, inputs, targets, adv, training: bool):
+    """Minus the advantage-weighted log-probability of each sampled token, averaged over the real tokens.
+
+    `targets` (n, T) are the samples, `inputs` the same shifted right after
+    BOS (`_teacher_inputs`), `adv` (n,) each sample's advantage. `training`
+    runs the decoder's dropout; without it the log-probabilities are those
+    the sampler drew from.
+    """
+    logits = model((feats, inputs), training=training)
+    logp = tf.gather(tf.nn.log_softmax(tf.cast(logits, tf.float32)), targets, batch_dims=2)
+    mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
+    return -tf.reduce_sum(adv[:, None] * logp * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+
+
 def _teacher_inputs(ids: np.ndarray) -> np.ndarray:
     """Decoder inputs that replay sampled `ids` (n, T): BOS, then each sampled token but the last."""
     return np.concatenate([np.full((len(ids), 1), BOS_ID, np.int32), ids[:, :-1]], axis=1)
@@ -169,10 +186,7 @@ def fine_tune(
     @tf.function(reduce_retracing=True)
     def train_step(feats, inputs, targets, adv):
         with tf.GradientTape() as tape:
-            logits = model((feats, inputs), training=True)
-            logp = tf.gather(tf.nn.log_softmax(tf.cast(logits, tf.float32)), targets, batch_dims=2)
-            mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
-            loss = -tf.reduce_sum(adv[:, None] * logp * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+            loss = policy_loss(model, feats, inputs, targets, adv, training=tc.self_critical_dropout)
         grads = tape.gradient(loss, model.trainable_variables)
         model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
