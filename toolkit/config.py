@@ -68,7 +68,8 @@ class DecoderConfig:
                                 # char for languages scored by characters (zh, ja, th, ...), else bpe
     vocab_size: int = 2000      # SentencePiece vocabulary; a soft cap, shrunk for small corpora
     feature_dim: int = 2048     # encoder output width (channels of the Xception feature map)
-    embed_dim: int = 256        # token embedding width
+    embed_dim: int = 256        # token embedding width; on the full Flickr8k split 512 lowered English dev loss by
+                                # 0.042 and scored level BLEU-4 (+0.2, one seed; docs/experiments.md)
     units: int = 512            # LSTM state width
     dropout: float = 0.5        # on the embedding and the LSTM output; small data overfits fast
     max_length: int = 40        # longest caption in tokens (incl. end); longer captions are cut at training
@@ -110,7 +111,8 @@ class TrainConfig:
     batch_size: int = 64        # captions per step
     learning_rate: float = 2e-3 # Adam's starting rate
     lr_schedule: str = "plateau"  # "plateau": halved after each epoch without dev-loss improvement; "cosine": from
-                                # learning_rate down to 0 over `epochs`, by epoch; "constant"
+                                # learning_rate down to 0 over `epochs`, by epoch (over 16 epochs on the full
+                                # Flickr8k split: -0.5 English BLEU-4, one seed); "constant"
     clipnorm: float = 5.0       # each gradient's norm is clipped to this; 0 turns clipping off
     label_smoothing: float = 0.1  # share of each target's probability spread over the whole vocabulary
     patience: int = 3           # epochs without dev-loss improvement before stopping
