@@ -60,8 +60,8 @@ def test_check_settings_refuses_before_any_work_and_names_the_tokenizer():
     auto = TrainConfig()
     build.check_settings("en", DecoderConfig(), auto)
     assert auto.precision == "float32"  # resolved (no GPU in tests), so the manifest says what was trained
-    for field in ("lr_schedule", "self_critical_lr_schedule"):  # a typo is refused, not trained as another schedule
-        with pytest.raises(CapkitError, match=f"TrainConfig.{field} must be one of .*not 'cosin'"):
+    for field in ("lr_schedule", "self_critical_lr_schedule", "self_critical_reward"):  # a typo is refused, not
+        with pytest.raises(CapkitError, match=f"TrainConfig.{field} must be one of .*not 'cosin'"):  # trained as another
             build.check_settings("en", DecoderConfig(), TrainConfig(**{field: "cosin"}))
 
 

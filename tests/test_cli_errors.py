@@ -98,6 +98,9 @@ def error_cases(tmp: Path, data: dict, packs: Path) -> dict:
         "unknown self-critical schedule": ([*build(), "--self-critical-lr-schedule", "step"],
                                            "--self-critical-lr-schedule must be one of constant, cosine, not 'step'",
                                            None),
+        "unknown self-critical reward": ([*build(), "--self-critical-reward", "bleu"],
+                                         "--self-critical-reward must be one of cider-d, bleu4, cider-d+bleu4, "
+                                         "not 'bleu'", None),
         "unknown precision": ([*build(), "--precision", "fp8"],
                               "--precision must be one of auto, float32, bfloat16, float16, not 'fp8'", None),
         "negative clipnorm": ([*build(), "--clipnorm", "-1"], "--clipnorm must be 0 or more, not -1", None),

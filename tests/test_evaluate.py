@@ -13,6 +13,7 @@ from toolkit.evaluate import (
     CHAR_LANGS,
     SCORING_VERSION,
     BleuResult,
+    SentenceBleu,
     bleu_tokenize,
     corpus_bleu_scores,
     format_table,
@@ -148,6 +149,37 @@ def test_agrees_with_nltk_corpus_bleu(seed):
         warnings.simplefilter("ignore")
         expected = [100 * corpus_bleu(ref_toks, toks, weights=(1 / n,) * n) for n in range(1, 5)]
     assert [r.bleu1, r.bleu2, r.bleu3, r.bleu4] == pytest.approx(expected, rel=1e-12, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sentence_bleu_agrees_with_nltk_bleu_plus_one(seed):
+    """The self-critical BLEU reward is nltk's sentence BLEU-4 with Lin and Och's add-one smoothing (method2)."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    hyps, refs = _random_corpus(seed)
+    ids = sorted(hyps)
+    toks = [bleu_tokenize(hyps[k], "en") for k in ids]
+    ref_toks = [[bleu_tokenize(x, "en") for x in refs[k]] for k in ids]
+    ours = SentenceBleu(ref_toks).score(toks, range(len(ids)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = [100 * sentence_bleu(r, h, smoothing_function=SmoothingFunction().method2) if h else 0.0
+                    for r, h in zip(ref_toks, toks)]
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-9)
+    assert (ours > 0).mean() > (np.array([100 * sentence_bleu(r, h) if h else 0 for r, h in zip(ref_toks, toks)])
+                                > 1e-6).mean()  # smoothed: a caption without a matching 4-gram still scores
+
+
+def test_sentence_bleu_by_hand():
+    # "a dog runs fast" against "a dog runs" and "the dog": p1 3/4, p2 (2+1)/(3+1), p3 (1+1)/(2+1), p4 (0+1)/(1+1);
+    # 4 tokens, closest reference 3: no brevity penalty.
+    scorer = SentenceBleu([[["a", "dog", "runs"], ["the", "dog"]], [["a", "cat"]]])
+    expected = 100 * (3 / 4 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert scorer.score([["a", "dog", "runs", "fast"]], [0])[0] == pytest.approx(expected)
+    # Against the other image's references only "a" matches, and the smoothed higher orders still count: p1 1/4,
+    # p2 1/4, p3 1/3, p4 1/2. No matching unigram scores 0, and so does an empty caption.
+    other, none, empty = scorer.score([["a", "dog", "runs", "fast"], ["the", "bird"], []], [1, 1, 0])
+    assert other == pytest.approx(100 * (1 / 4 * 1 / 4 * 1 / 3 * 1 / 2) ** 0.25) and none == empty == 0.0
 
 
 # --- CIDEr-D ----------------------------------------------------------------

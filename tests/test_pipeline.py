@@ -247,12 +247,16 @@ def test_self_critical_epochs_added_to_a_finished_build_reuse_its_installed_deco
     first = build_tiny_pack("en", tiny_dataset, tmp_path / "packs")
     events = []
     result = build_tiny_pack("en", tiny_dataset, tmp_path / "packs",
-                             train={"self_critical_epochs": 1, "self_critical_dropout": False},
+                             train={"self_critical_epochs": 1, "self_critical_dropout": False,
+                                    "self_critical_reward": "cider-d+bleu4"},
                              report=Report(lambda kind, **f: events.append(kind)))
     assert "reused" in events and "epoch" not in events and events.count("self_critical_epoch") == 1
     m = load_manifest(result.pack_dir)
     assert m["train"]["self_critical_dropout"] is False  # a fine-tuning setting: the teacher-forced run is the same
-    assert "no dropout" in (result.pack_dir / "README.md").read_text()
+    assert m["train"]["self_critical_reward"] == "cider-d+bleu4"
+    assert {"dev_cider_d", "dev_bleu4"} <= set(m["training"]["self_critical"]["history"][1])
+    card = (result.pack_dir / "README.md").read_text()
+    assert "no dropout" in card and "self-critical training on CIDEr-D + sentence BLEU-4" in card
     assert m["training"]["epochs_run"] == first.manifest["training"]["epochs_run"]
     assert m["training"]["run_key"] == first.manifest["training"]["run_key"]
     # A larger epoch limit asks for more than the installed decoder had: trained (its checkpoints went with the

@@ -104,6 +104,68 @@ def test_fine_tuning_raises_the_reward_and_keeps_the_best_dev_weights(tokenizer,
     assert CiderD(dev_refs).score(hyps, range(len(hyps))).mean() == pytest.approx(best["dev_cider_d"], abs=1e-6)
 
 
+def _taught_model(tokenizer, feats, max_length=16):
+    """A decoder teacher-forced on each photo's longer caption (its pieces are nearly letters: 16 steps, not 8)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    cfg = DecoderConfig(vocab_size=tokenizer.vocab_size, feature_dim=8, embed_dim=16, units=32, dropout=0.0,
+                        max_length=max_length)
+    model = dec.training_model(cfg, TrainConfig(), feats)
+    ids = tokenizer.encode([CAPTIONS[k][1] for k in np.argmax(feats[:, :4], axis=1)])
+    inputs, targets = (np.full((len(ids), max_length), PAD_ID, np.int32) for _ in range(2))
+    for i, s in enumerate(ids):
+        s = (s + [EOS_ID])[:max_length]
+        targets[i, :len(s)], inputs[i, :len(s)] = s, [BOS_ID] + s[:-1]
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID))
+    model.fit((feats, inputs), targets, epochs=30, batch_size=16, verbose=0)
+    return model
+
+
+def test_a_bleu_reward_climbs_and_the_kept_epoch_is_the_best_dev_bleu4(tokenizer, tmp_path):
+    """Rewarded by sentence BLEU-4, the stage keeps the epoch whose greedy dev captions score the best corpus BLEU-4."""
+    import warnings
+
+    from nltk.translate.bleu_score import corpus_bleu
+
+    feats, refs = _task(12)
+    dev_feats, dev_refs = _task(3, seed=1)
+    tc = TrainConfig(self_critical_epochs=3, self_critical_lr=1e-2, self_critical_samples=4, self_critical_batch=12,
+                     self_critical_reward="bleu4")
+    model, state = sc.fine_tune(_taught_model(tokenizer, feats), feats, refs, dev_feats, dev_refs, tokenizer, "en",
+                                tc, tmp_path / "sc")
+    history = state["history"]
+    assert history[-1]["reward"] > history[1]["reward"]
+    assert all(h["dev_score"] == h["dev_bleu4"] for h in history)
+    best = max(history, key=lambda h: h["dev_bleu4"])
+    assert state["best_epoch"] == best["epoch"] and best["dev_bleu4"] > 50
+    from toolkit.generate import beam_search_tf
+
+    ids = beam_search_tf(model, dev_feats, BOS_ID, EOS_ID, beam=1, max_length=16)
+    hyps = [bleu_tokenize(t, "en") for t in tokenizer.decode(ids)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert 100 * corpus_bleu(dev_refs, hyps) == pytest.approx(best["dev_bleu4"], abs=1e-9)
+
+
+def test_the_summed_reward_is_cider_d_plus_sentence_bleu4_and_so_is_its_dev_measure():
+    from toolkit.evaluate import SentenceBleu
+
+    _, refs = _task(3)
+    hyps = [bleu_tokenize(t, "en") for t in ["a dog runs on a bed", "a cat", "two men", "a girl swims in water"] * 3]
+    both = sc.Reward("cider-d+bleu4", refs)
+    images = [0, 5, 6, 11, 2, 2]
+    assert both.score(hyps[:6], images) == pytest.approx(
+        CiderD(refs).score(hyps[:6], images) + SentenceBleu(refs).score(hyps[:6], images))
+    dev = both.dev(hyps)
+    assert dev["dev_score"] == pytest.approx(dev["dev_cider_d"] + dev["dev_bleu4"])
+    assert dev["dev_cider_d"] == pytest.approx(sc.Reward("cider-d", refs).dev(hyps)["dev_score"])
+    assert "dev_bleu4" not in sc.Reward("cider-d", refs).dev(hyps)
+    with pytest.raises(ValueError, match="must be one of cider-d, bleu4, cider-d\\+bleu4, not 'bleu'"):
+        sc.Reward("bleu", refs)
+
+
 def test_a_fine_tuning_that_only_hurts_returns_the_model_it_was_given(tokenizer, tmp_path):
     feats, refs = _task(12)
     model = _model(tokenizer, feats)

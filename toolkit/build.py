@@ -33,7 +33,8 @@ import numpy as np
 
 from toolkit import __version__
 from toolkit.config import (ADDED_FIELDS, LR_SCHEDULES, SEARCH, SELF_CRITICAL_EPOCHS, SELF_CRITICAL_LR_SCHEDULES,
-                            DecoderConfig, EncoderConfig, SearchConfig, TrainConfig, resolve_tokenizer)
+                            SELF_CRITICAL_REWARDS, DecoderConfig, EncoderConfig, SearchConfig, TrainConfig,
+                            resolve_tokenizer)
 from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
 from toolkit.errors import CapkitError
 from toolkit.generate import beam_search_batched
@@ -169,7 +170,8 @@ def check_settings(lang: str, dec_cfg: DecoderConfig, tr_cfg: TrainConfig):
     decoder_class(dec_cfg)  # an unknown architecture fails now, not after the translation
     for name, value, allowed in (("lr_schedule", tr_cfg.lr_schedule, LR_SCHEDULES),
                                  ("self_critical_lr_schedule", tr_cfg.self_critical_lr_schedule,
-                                  SELF_CRITICAL_LR_SCHEDULES)):
+                                  SELF_CRITICAL_LR_SCHEDULES),
+                                 ("self_critical_reward", tr_cfg.self_critical_reward, SELF_CRITICAL_REWARDS)):
         if value not in allowed:  # the CLI checks its flags; a Python caller's typo would train on another schedule
             raise CapkitError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, not {value!r}")
     tr_cfg.precision = resolve_precision(tr_cfg.precision)  # the manifest names the arithmetic really used
@@ -447,7 +449,7 @@ def _decoder_features(features: Features, split: str):
 
 def self_critical(lang: str, features: Features, train_texts: dict[str, list[str]], dev_texts: dict[str, list[str]],
                   tokenizer, tr_cfg: TrainConfig, trained: Trained, report: Report | None = None) -> Trained:
-    """`trained` fine-tuned on CIDEr-D (`toolkit.selfcritical`), in a checkpoint folder of its own under `trained.work`.
+    """`trained` fine-tuned on its reward (`toolkit.selfcritical`), in a checkpoint folder of its own under `trained.work`.
 
     The teacher-forced checkpoints are untouched, so a build that adds or
     changes self-critical settings resumes from them instead of training
@@ -458,12 +460,14 @@ def self_critical(lang: str, features: Features, train_texts: dict[str, list[str
     report = report or Report()
     present = features.present
     settings = {k: v for k, v in asdict(tr_cfg).items() if k.startswith("self_critical") or k in ("seed", "clipnorm")}
+    if settings["self_critical_reward"] == "cider-d":
+        del settings["self_critical_reward"]  # the only reward before the field: those builds keep their folder
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
     def progress(e):
         if "step" in e:
             report("progress", stage="self-critical", done=e["step"], total=e["steps"], unit="batch",
-                   reward=round(e["reward"], 1))  # the mean CIDEr-D of this epoch's samples so far
+                   reward=round(e["reward"], 1))  # the mean reward of this epoch's samples so far
         else:
             report("self_critical_epoch", **e)
 

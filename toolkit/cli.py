@@ -76,7 +76,8 @@ class _Progress:
         elif kind == "self_critical_epoch" and not self.quiet:
             self._close()
             reward = f"  reward {f['reward']:.3f}" if "reward" in f else ""
-            typer.echo(f"  self-critical epoch {f['epoch']:3d}{reward}  dev CIDEr-D {f['dev_cider_d']:.1f}  "
+            bleu = f"  dev BLEU-4 {f['dev_bleu4']:.1f}" if "dev_bleu4" in f else ""
+            typer.echo(f"  self-critical epoch {f['epoch']:3d}{reward}  dev CIDEr-D {f['dev_cider_d']:.1f}{bleu}  "
                        f"{f.get('seconds', 0):.1f}s", err=True)
         elif kind == "encoded" and not self.quiet:
             typer.echo(f"  {f['extracted']} images encoded, {f['cached']} from cache, {f['seconds']:.1f}s", err=True)
@@ -217,13 +218,17 @@ def build_pack(
                                     help="Smallest dev-loss fall that counts as an improvement."),
     self_critical_epochs: Optional[int] = typer.Option(
         None, "--self-critical-epochs", show_default=False,
-        help=f"After teacher forcing, epochs of self-critical training on CIDEr-D (the best dev epoch is kept); "
-             f"0 skips it. Default: {SELF_CRITICAL_EPOCHS} with --strategy default, else 0."),
+        help=f"After teacher forcing, epochs of self-critical training on --self-critical-reward (the best dev "
+             f"epoch is kept); 0 skips it. Default: {SELF_CRITICAL_EPOCHS} with --strategy default, else 0."),
     self_critical_lr: float = typer.Option(TrainConfig.self_critical_lr, "--self-critical-lr",
                                            help="Adam's rate for the self-critical epochs."),
     self_critical_lr_schedule: str = typer.Option(
         TrainConfig.self_critical_lr_schedule, "--self-critical-lr-schedule",
         help="constant, or cosine: from --self-critical-lr down to 0 over the self-critical epochs."),
+    self_critical_reward: str = typer.Option(
+        TrainConfig.self_critical_reward, "--self-critical-reward",
+        help="What the self-critical samples are rewarded with: cider-d, bleu4 (sentence BLEU-4, BLEU+1 "
+             "smoothing) or cider-d+bleu4 (their sum). The kept epoch is the best on dev by the same measure."),
     self_critical_dropout: bool = typer.Option(
         TrainConfig.self_critical_dropout, "--self-critical-dropout/--no-self-critical-dropout",
         help="Dropout in the self-critical gradient step. The captions are sampled without it; off, the step "
@@ -243,7 +248,7 @@ def build_pack(
 ):
     """Translate, encode, tokenize, train and score: writes PACKS_DIR/LANG/."""
     from toolkit.config import (ATTENTION_FEEDS, ATTENTION_SCORES, DECODER_ARCHITECTURES, LR_SCHEDULES, PRECISIONS,
-                                SELF_CRITICAL_LR_SCHEDULES, TOKENIZER_MODELS)
+                                SELF_CRITICAL_LR_SCHEDULES, SELF_CRITICAL_REWARDS, TOKENIZER_MODELS)
 
     _check_lang(lang)
     if decoder not in DECODER_ARCHITECTURES:
@@ -267,6 +272,9 @@ def build_pack(
     if self_critical_lr_schedule not in SELF_CRITICAL_LR_SCHEDULES:
         raise CapkitError(f"--self-critical-lr-schedule must be one of {', '.join(SELF_CRITICAL_LR_SCHEDULES)}, "
                           f"not {self_critical_lr_schedule!r}")
+    if self_critical_reward not in SELF_CRITICAL_REWARDS:
+        raise CapkitError(f"--self-critical-reward must be one of {', '.join(SELF_CRITICAL_REWARDS)}, "
+                          f"not {self_critical_reward!r}")
     if lr_schedule not in LR_SCHEDULES:
         raise CapkitError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {lr_schedule!r}")
     if precision not in PRECISIONS:
@@ -322,6 +330,7 @@ def build_pack(
                                  patience=patience, min_delta=min_delta, seed=seed, strategy=strategy,
                                  self_critical_epochs=self_critical_epochs, self_critical_lr=self_critical_lr,
                                  self_critical_lr_schedule=self_critical_lr_schedule,
+                                 self_critical_reward=self_critical_reward,
                                  self_critical_dropout=self_critical_dropout, precision=precision),
         pack_version=pack_version, report=Report(_Progress()), **search,
     )

@@ -37,6 +37,8 @@ ATTENTION_SCORES = ("dot", "additive")
 ATTENTION_FEEDS = ("input", "output")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 SELF_CRITICAL_LR_SCHEDULES = ("constant", "cosine")
+# What a self-critical sample is rewarded with against its image's training references (toolkit.selfcritical).
+SELF_CRITICAL_REWARDS = ("cider-d", "bleu4", "cider-d+bleu4")
 # TrainConfig.precision and EncoderConfig.precision; the weights, and every pack, stay float32.
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 ENCODER_PRECISIONS = ("float32", "bfloat16")
@@ -119,14 +121,18 @@ class TrainConfig:
     min_delta: float = 0.005    # an epoch improves only if dev loss falls by more than this (nats per token); the
                                 # best weights are kept whatever the gain. On the full Flickr8k split, epochs 10-22
                                 # each gained under 0.005 and bought no dev BLEU (docs/experiments.md)
-    self_critical_epochs: int | None = None  # after teacher forcing, epochs of self-critical training on CIDEr-D
-                                # (toolkit.selfcritical); 0 skips it. The best dev CIDEr-D epoch is kept, 0 included.
+    self_critical_epochs: int | None = None  # after teacher forcing, epochs of self-critical training on
+                                # `self_critical_reward` (toolkit.selfcritical); 0 skips it. The best dev epoch is
+                                # kept, 0 included.
                                 # None: SELF_CRITICAL_EPOCHS under the "default" strategy, else 0 (it runs on one
                                 # device only); `build_pack` writes the resolved number into the manifest
     self_critical_lr: float = 5e-4  # Adam's rate for those epochs; on the full Flickr8k split 5 epochs at 5e-4
                                 # bought +1.3 English BLEU-4 over the teacher-forced decoder, at 2e-4 +0.5 (one seed)
     self_critical_lr_schedule: str = "constant"  # "constant", or "cosine": from self_critical_lr down to 0 over
                                 # the self-critical epochs, step by step
+    self_critical_reward: str = "cider-d"  # each sample's reward: "cider-d"; "bleu4", sentence BLEU-4 (BLEU+1
+                                # smoothing); "cider-d+bleu4", their sum. The kept epoch is the one whose greedy dev
+                                # captions score best on the same measure (corpus BLEU-4 for the BLEU part)
     self_critical_samples: int = 5  # captions sampled per image and step; each is judged against the others' mean
     self_critical_batch: int = 50   # images per self-critical step
     self_critical_dropout: bool = True  # dropout on in the gradient step. The samples are drawn without it, so
@@ -168,7 +174,8 @@ ADDED_FIELDS = {
     "TrainConfig": {"label_smoothing": 0.0, "lr_schedule": "plateau", "clipnorm": 5.0, "min_delta": 0.0,
                     "self_critical_epochs": 0, "self_critical_lr": 5e-4, "self_critical_samples": 5,
                     "self_critical_lr_schedule": "constant", "precision": "auto",
-                    "self_critical_batch": 50, "self_critical_dropout": True},
+                    "self_critical_batch": 50, "self_critical_dropout": True,
+                    "self_critical_reward": "cider-d"},
 }
 
 

@@ -204,6 +204,49 @@ class CiderD:
         return scores
 
 
+class SentenceBleu:
+    """BLEU-4 of single captions against their image's references, smoothed so that a caption without a matching
+    4-gram still scores by its lower orders: a training reward, not a reported score.
+
+    Lin and Och's (2004) BLEU+1, as nltk's `sentence_bleu` with `SmoothingFunction().method2` computes it: orders
+    2-4 add one to both matches and totals, unigrams stay as they are (none matching scores 0), brevity penalty
+    against the reference closest in length. Clipping counts are taken once per image, so scoring many samples
+    of the same images costs only the samples' own n-grams. x100, like every score here.
+
+    >>> SentenceBleu([[["a", "dog", "runs", "on", "grass"]]]).score([["a", "dog", "runs", "on", "grass"]], [0])
+    array([100.])
+    """
+
+    def __init__(self, references: list[list[list[str]]]):
+        self._clips = []
+        for refs in references:
+            clips = [Counter() for _ in range(MAX_ORDER)]
+            for ref in refs:
+                for n in range(1, MAX_ORDER + 1):
+                    clips[n - 1] |= _ngram_counts(ref, n)
+            self._clips.append((clips, sorted({len(r) for r in refs})))
+
+    def score(self, hyps: Sequence[Sequence[str]], images: Sequence[int]) -> np.ndarray:
+        scores = np.zeros(len(hyps))
+        for k, (hyp, image) in enumerate(zip(hyps, images)):
+            clips, ref_lens = self._clips[image]
+            if not hyp or not ref_lens:
+                continue
+            log_p = 0.0
+            for n in range(1, MAX_ORDER + 1):
+                counts = _ngram_counts(hyp, n)
+                matches = sum(min(c, clips[n - 1][g]) for g, c in counts.items())
+                total = max(1, sum(counts.values()))
+                if n == 1 and not matches:
+                    break
+                log_p += math.log((matches + (n > 1)) / (total + (n > 1)))
+            else:
+                closest = min(ref_lens, key=lambda r: (abs(r - len(hyp)), r))
+                bp = 1.0 if len(hyp) > closest else math.exp(1 - closest / len(hyp))
+                scores[k] = 100 * bp * math.exp(log_p / MAX_ORDER)
+        return scores
+
+
 def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]]) -> np.ndarray:
     """CIDEr-D of each image, x100, computed as coco-caption's `CiderScorer`
     does (n-grams 1-4, sigma 6), document frequencies from `refs` itself:

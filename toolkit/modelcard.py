@@ -60,7 +60,9 @@ def _self_critical_line(t: dict, tc: dict) -> list[str]:
     if not sc:
         return []
     by_epoch = {h["epoch"]: h["dev_cider_d"] for h in sc["history"]}
-    return [f"- then {sc['epoch']} epochs of self-critical training on CIDEr-D (Adam from {tc['self_critical_lr']}"
+    reward = {"bleu4": "sentence BLEU-4", "cider-d+bleu4": "CIDEr-D + sentence BLEU-4"}.get(
+        tc.get("self_critical_reward"), "CIDEr-D")
+    return [f"- then {sc['epoch']} epochs of self-critical training on {reward} (Adam from {tc['self_critical_lr']}"
             f"{', cosine to 0' if tc.get('self_critical_lr_schedule') == 'cosine' else ''}"
             f"{', no dropout' if tc.get('self_critical_dropout') is False else ''}, "
             f"{tc['self_critical_samples']} samples an image): dev CIDEr-D of greedy captions {by_epoch[0]:.1f} before, "

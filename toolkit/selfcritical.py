@@ -1,4 +1,4 @@
-"""Self-critical fine-tuning: after teacher forcing, train the decoder on CIDEr-D, the metric it is judged by.
+"""Self-critical fine-tuning: after teacher forcing, train the decoder on the metric it is judged by (CIDEr-D).
 
 Teacher forcing trains each word given the reference's previous words; the
 captions a user gets are searched from the model's own words. Self-critical
@@ -17,10 +17,14 @@ mixed bfloat16 where `TrainConfig.precision` asks for it. The samples are
 drawn without dropout; the gradient step runs with it
 (`self_critical_dropout`, on as in every pack so far) or without, when it is
 exactly the gradient of the policy that drew them.
-After each epoch the dev photos are captioned greedily and scored by
-CIDEr-D (document frequencies of the dev references); the best weights are
-kept, epoch 0 (the teacher-forced model) included, so the fine-tuning
-never returns a decoder worse on dev than the one it was given.
+The reward is CIDEr-D by default; `self_critical_reward` can make it
+sentence BLEU-4 (BLEU+1 smoothing, `SentenceBleu`) or the sum of the two,
+as Rennie et al. trained on either metric. After each epoch the dev photos
+are captioned greedily and scored by CIDEr-D (document frequencies of the
+dev references) and, where the reward has a BLEU part, by corpus BLEU-4;
+the weights scoring best on the reward's measure are kept (CIDEr-D, BLEU-4
+or their sum), epoch 0 (the teacher-forced model) included, so the
+fine-tuning never returns a decoder worse on dev than the one it was given.
 Checkpoints as in `toolkit.train`: a run stopped between epochs resumes.
 """
 
@@ -35,9 +39,9 @@ import numpy as np
 
 from toolkit import decoder as dec
 from toolkit.backend import dtype_policy
-from toolkit.config import TrainConfig
+from toolkit.config import SELF_CRITICAL_REWARDS, TrainConfig
 from toolkit.decoder import keras, tf
-from toolkit.evaluate import CiderD, bleu_tokenize
+from toolkit.evaluate import MAX_ORDER, CiderD, SentenceBleu, _image_stats, _scores_from_sums, bleu_tokenize
 from toolkit.pack import atomic_write_text
 from toolkit.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from toolkit.train import cosine_rate
@@ -127,6 +131,40 @@ def _teacher_inputs(ids: np.ndarray) -> np.ndarray:
     return np.concatenate([np.full((len(ids), 1), BOS_ID, np.int32), ids[:, :-1]], axis=1)
 
 
+class Reward:
+    """The reward `kind` (a SELF_CRITICAL_REWARDS name) of captions against `references`, and its dev measure.
+
+    `score(hyps, images)` is each caption's reward against the references of
+    its image: CIDEr-D, sentence BLEU-4, or their sum. `dev(hyps)` scores one
+    greedy caption per image of the corpus, in order: "dev_cider_d" (mean
+    CIDEr-D, always), "dev_bleu4" (corpus BLEU-4, where the reward has a
+    BLEU part) and "dev_score", the sum of the reward's own parts, by which
+    the kept epoch is chosen.
+    """
+
+    def __init__(self, kind: str, references: list[list[list[str]]]):
+        if kind not in SELF_CRITICAL_REWARDS:
+            raise ValueError(f"self_critical_reward must be one of {', '.join(SELF_CRITICAL_REWARDS)}, not {kind!r}")
+        self.parts, self.references = kind.split("+"), references
+        self._scorers = {}
+
+    def _scorer(self, part: str):
+        if part not in self._scorers:  # built once, on first use: 6,000 images' reference n-grams take seconds
+            self._scorers[part] = (CiderD if part == "cider-d" else SentenceBleu)(self.references)
+        return self._scorers[part]
+
+    def score(self, hyps: Sequence[Sequence[str]], images: Sequence[int]) -> np.ndarray:
+        return sum(self._scorer(part).score(hyps, images) for part in self.parts)
+
+    def dev(self, hyps: list[list[str]]) -> dict:
+        scores = {"cider-d": float(self._scorer("cider-d").score(hyps, range(len(hyps))).mean())}
+        if "bleu4" in self.parts:
+            sums = np.sum([_image_stats(h, r) for h, r in zip(hyps, self.references)], axis=0)
+            scores["bleu4"] = float(_scores_from_sums(sums)[0][MAX_ORDER - 1])
+        return {**{f"dev_{k.replace('-', '_')}": v for k, v in scores.items()},
+                "dev_score": sum(scores[part] for part in self.parts)}
+
+
 def _hypotheses(tokenizer, ids, lang: str) -> list[list[str]]:
     """Sampled or searched ids (EOS and PAD dropped by `decode`) as the tokens CIDEr-D scores."""
     return [bleu_tokenize(t, lang) for t in tokenizer.decode(ids)]
@@ -148,8 +186,9 @@ def fine_tune(
 
     `train_features` (n, ...) are what the decoder reads (pooled vectors or
     grids), row i the image of `train_refs[i]`; the same for dev. The state
-    holds, per epoch, the mean CIDEr-D of the training samples and the dev
-    CIDEr-D of greedy captions, and the epoch whose weights were kept.
+    holds, per epoch, the mean reward of the training samples and the dev
+    scores of greedy captions (`Reward.dev`), and the epoch whose weights
+    were kept.
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -159,27 +198,27 @@ def fine_tune(
     model.compile(optimizer=keras.optimizers.Adam(tc.self_critical_lr, clipnorm=tc.clipnorm or None))
     model.optimizer.build(model.trainable_variables)
     state_path = checkpoint_dir / STATE_FILE
-    reward = CiderD(train_refs)
-    dev_reward = CiderD(dev_refs)
-    dev_images = np.arange(len(dev_refs))
+    reward = Reward(tc.self_critical_reward, train_refs)
+    dev_reward = Reward(tc.self_critical_reward, dev_refs)
 
-    def dev_score() -> float:
+    def dev_scores() -> dict:
         """Of the float32 model this returns, whatever the steps compute in: the score kept is what it gets."""
         from toolkit.generate import beam_search_tf
 
         if plain is not model:
             plain.set_weights(model.get_weights())
         ids = beam_search_tf(plain, dev_f, BOS_ID, EOS_ID, beam=1, max_length=cfg.max_length)
-        return float(dev_reward.score(_hypotheses(tokenizer, ids, lang), dev_images).mean())
+        return dev_reward.dev(_hypotheses(tokenizer, ids, lang))
 
     dev_f = np.asarray(dev_features[np.arange(len(dev_refs))], np.float32)
     if state_path.exists() and (checkpoint_dir / LAST_FILE).exists():
         state = json.loads(state_path.read_text())
+        state.setdefault("best_dev_score", state.get("best_dev_cider_d"))  # written before other rewards
         model.load_weights(checkpoint_dir / LAST_FILE)
     else:
-        start = dev_score()
-        state = {"epoch": 0, "best_epoch": 0, "best_dev_cider_d": start,
-                 "history": [{"epoch": 0, "dev_cider_d": start}]}
+        start = dev_scores()
+        state = {"epoch": 0, "best_epoch": 0, "best_dev_score": start["dev_score"],
+                 "history": [{"epoch": 0, **start}]}
         dec._save_weights(model, checkpoint_dir / BEST_FILE)
     sample = sampler(model, K, cfg.max_length)
 
@@ -211,12 +250,12 @@ def fine_tune(
             if progress:
                 progress({"stage": "self_critical", "epoch": epoch + 1, "step": step + 1, "steps": steps,
                           "reward": float(np.mean(rewards))})
-        score = dev_score()
-        state["history"].append({"epoch": epoch + 1, "reward": float(np.mean(rewards)), "dev_cider_d": score,
+        scores = dev_scores()
+        state["history"].append({"epoch": epoch + 1, "reward": float(np.mean(rewards)), **scores,
                                  "lr": float(model.optimizer.learning_rate.numpy()),
                                  "seconds": time.perf_counter() - t0})
-        if score > state["best_dev_cider_d"]:
-            state.update(best_dev_cider_d=score, best_epoch=epoch + 1)
+        if scores["dev_score"] > state["best_dev_score"]:
+            state.update(best_dev_score=scores["dev_score"], best_epoch=epoch + 1)
             dec._save_weights(model, checkpoint_dir / BEST_FILE)
         state["epoch"] = epoch + 1
         dec._save_weights(model, checkpoint_dir / LAST_FILE)
