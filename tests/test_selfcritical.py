@@ -194,6 +194,22 @@ def test_a_stopped_fine_tuning_resumes_at_its_next_epoch(tokenizer, tmp_path):
     assert json.loads((tmp_path / "sc" / sc.STATE_FILE).read_text())["epoch"] == 3
 
 
+def test_a_stage_stopped_before_rewards_had_names_resumes(tokenizer, tmp_path):
+    """A state file written before `self_critical_reward` (its best under "best_dev_cider_d") resumes as CIDEr-D's."""
+    feats, refs = _task(6)
+    tc = TrainConfig(self_critical_epochs=1, self_critical_lr=1e-2, self_critical_samples=3, self_critical_batch=8)
+    _, first = sc.fine_tune(_model(tokenizer, feats), feats, refs, feats, refs, tokenizer, "en", tc, tmp_path / "sc")
+    old = {**first, "best_dev_cider_d": first["best_dev_score"],
+           "history": [{k: v for k, v in h.items() if k != "dev_score"} for h in first["history"]]}
+    del old["best_dev_score"]
+    (tmp_path / "sc" / sc.STATE_FILE).write_text(json.dumps(old))
+    _, state = sc.fine_tune(_model(tokenizer, feats), feats, refs, feats, refs, tokenizer, "en",
+                            TrainConfig(**{**tc.__dict__, "self_critical_epochs": 2}), tmp_path / "sc")
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
+    best = max(state["history"], key=lambda h: h["dev_cider_d"])
+    assert state["best_epoch"] == best["epoch"] and state["best_dev_score"] == best["dev_cider_d"]
+
+
 def test_a_cosine_schedule_decays_the_rate_to_zero_over_every_epoch_and_survives_a_resume(tokenizer, tmp_path):
     feats, refs = _task(6)
     tc = TrainConfig(self_critical_epochs=1, self_critical_lr=1e-2, self_critical_samples=3, self_critical_batch=8,
