@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -257,6 +258,8 @@ def test_self_critical_epochs_added_to_a_finished_build_reuse_its_installed_deco
     assert {"dev_cider_d", "dev_bleu4"} <= set(m["training"]["self_critical"]["history"][1])
     card = (result.pack_dir / "README.md").read_text()
     assert "no dropout" in card and "self-critical training on CIDEr-D + sentence BLEU-4" in card
+    assert re.search(r"greedy dev captions' CIDEr-D [\d.]+ before, [\d.]+, BLEU-4 [\d.]+ before, [\d.]+ at the epoch "
+                     r"kept", card)  # the kept epoch was chosen on BLEU-4 too: the card shows it
     assert m["training"]["epochs_run"] == first.manifest["training"]["epochs_run"]
     assert m["training"]["run_key"] == first.manifest["training"]["run_key"]
     # A larger epoch limit asks for more than the installed decoder had: trained (its checkpoints went with the

@@ -59,11 +59,14 @@ def _self_critical_line(t: dict, tc: dict) -> list[str]:
     sc = t.get("self_critical")
     if not sc:
         return []
-    by_epoch = {h["epoch"]: h["dev_cider_d"] for h in sc["history"]}
+    by_epoch = {h["epoch"]: h for h in sc["history"]}
+    before, kept = by_epoch[0], by_epoch[sc["best_epoch"]]
     reward = {"bleu4": "sentence BLEU-4", "cider-d+bleu4": "CIDEr-D + sentence BLEU-4"}.get(
         tc.get("self_critical_reward"), "CIDEr-D")
+    scores = [(name, key) for name, key in (("CIDEr-D", "dev_cider_d"), ("BLEU-4", "dev_bleu4")) if key in before]
     return [f"- then {sc['epoch']} epochs of self-critical training on {reward} (Adam from {tc['self_critical_lr']}"
             f"{', cosine to 0' if tc.get('self_critical_lr_schedule') == 'cosine' else ''}"
             f"{', no dropout' if tc.get('self_critical_dropout') is False else ''}, "
-            f"{tc['self_critical_samples']} samples an image): dev CIDEr-D of greedy captions {by_epoch[0]:.1f} before, "
-            f"{by_epoch[sc['best_epoch']]:.1f} at the epoch kept ({sc['best_epoch']})"]
+            f"{tc['self_critical_samples']} samples an image): greedy dev captions' "
+            + ", ".join(f"{name} {before[key]:.1f} before, {kept[key]:.1f}" for name, key in scores)
+            + f" at the epoch kept ({sc['best_epoch']})"]
