@@ -19,7 +19,7 @@ drawn without dropout; the gradient step runs with it
 exactly the gradient of the policy that drew them.
 The reward is CIDEr-D by default; `self_critical_reward` can make it
 sentence BLEU-4 (BLEU+1 smoothing, `SentenceBleu`) or the sum of the two,
-as Rennie et al. trained on either metric. After each epoch the dev photos
+as Rennie et al. compared training on either. After each epoch the dev photos
 are captioned greedily and scored by CIDEr-D (document frequencies of the
 dev references) and, where the reward has a BLEU part, by corpus BLEU-4;
 the weights scoring best on the reward's measure are kept (CIDEr-D, BLEU-4
