@@ -143,20 +143,32 @@ def _ngram_counts(tokens: Sequence[str], n: int) -> Counter:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
+def _reference_clips(refs: list[list[str]]) -> tuple[list[Counter], list[int]]:
+    """Per order 1..4, each n-gram's highest count in any one reference (what a match is clipped to); and the
+    references' lengths."""
+    clips = [Counter() for _ in range(MAX_ORDER)]
+    for ref in refs:
+        for n in range(1, MAX_ORDER + 1):
+            clips[n - 1] |= _ngram_counts(ref, n)
+    return clips, [len(r) for r in refs]
+
+
+def _clipped_stats(hyp: Sequence[str], clips: list[Counter], ref_lens: list[int]) -> list[int]:
+    """`_image_stats` against references already counted by `_reference_clips`."""
+    matches, totals = [], []
+    for n in range(1, MAX_ORDER + 1):
+        counts = _ngram_counts(hyp, n)
+        matches.append(sum(min(c, clips[n - 1][g]) for g, c in counts.items()))
+        totals.append(max(1, sum(counts.values())))
+    closest = min(ref_lens, key=lambda r: (abs(r - len(hyp)), r))
+    return matches + totals + [len(hyp), closest]
+
+
 def _image_stats(hyp: list[str], refs: list[list[str]]) -> list[int]:
     """[matches_1..4, totals_1..4, hyp_len, closest_ref_len] for one image,
     counted exactly as nltk does (clipped by the max count in any reference;
     totals at least 1, nltk's guard for hypotheses shorter than n)."""
-    matches, totals = [], []
-    for n in range(1, MAX_ORDER + 1):
-        counts = _ngram_counts(hyp, n)
-        max_ref: Counter = Counter()
-        for ref in refs:
-            max_ref |= _ngram_counts(ref, n)
-        matches.append(sum(min(c, max_ref[g]) for g, c in counts.items()))
-        totals.append(max(1, sum(counts.values())))
-    closest = min((len(r) for r in refs), key=lambda r: (abs(r - len(hyp)), r))
-    return matches + totals + [len(hyp), closest]
+    return _clipped_stats(hyp, *_reference_clips(refs))
 
 
 class CiderD:
@@ -218,32 +230,23 @@ class SentenceBleu:
     """
 
     def __init__(self, references: list[list[list[str]]]):
-        self._clips = []
-        for refs in references:
-            clips = [Counter() for _ in range(MAX_ORDER)]
-            for ref in refs:
-                for n in range(1, MAX_ORDER + 1):
-                    clips[n - 1] |= _ngram_counts(ref, n)
-            self._clips.append((clips, sorted({len(r) for r in refs})))
+        self._refs = [_reference_clips(refs) for refs in references]
 
     def score(self, hyps: Sequence[Sequence[str]], images: Sequence[int]) -> np.ndarray:
         scores = np.zeros(len(hyps))
         for k, (hyp, image) in enumerate(zip(hyps, images)):
-            clips, ref_lens = self._clips[image]
+            clips, ref_lens = self._refs[image]
             if not hyp or not ref_lens:
                 continue
-            log_p = 0.0
-            for n in range(1, MAX_ORDER + 1):
-                counts = _ngram_counts(hyp, n)
-                matches = sum(min(c, clips[n - 1][g]) for g, c in counts.items())
-                total = max(1, sum(counts.values()))
-                if n == 1 and not matches:
-                    break
-                log_p += math.log((matches + (n > 1)) / (total + (n > 1)))
-            else:
-                closest = min(ref_lens, key=lambda r: (abs(r - len(hyp)), r))
-                bp = 1.0 if len(hyp) > closest else math.exp(1 - closest / len(hyp))
-                scores[k] = 100 * bp * math.exp(log_p / MAX_ORDER)
+            stats = _clipped_stats(hyp, clips, ref_lens)
+            matches, totals = stats[:MAX_ORDER], stats[MAX_ORDER : 2 * MAX_ORDER]
+            if not matches[0]:
+                continue
+            # add one to matches and totals of orders 2-4 (index 1-3), not of unigrams
+            log_p = sum(math.log((m + (n > 0)) / (t + (n > 0))) for n, (m, t) in enumerate(zip(matches, totals)))
+            hyp_len, closest = stats[2 * MAX_ORDER :]
+            bp = 1.0 if hyp_len > closest else math.exp(1 - closest / hyp_len)
+            scores[k] = 100 * bp * math.exp(log_p / MAX_ORDER)
         return scores
 
 
