@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from fake_http import QuietHTTPServer
 
 LANGUAGES = ("en", "es", "fr", "de", "zh")
 WORDS = {  # en -> es; "um" translates to nothing and "ok" to itself, for the quality report
@@ -52,8 +54,7 @@ class LibreServer:
         self._forever: str | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = QuietHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
 
     @property
