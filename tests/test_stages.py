@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -80,6 +82,27 @@ def test_tokenizer_models_bpe_keeps_frequent_words_whole_and_char_splits_charact
     char = train_tokenizer(zh, "zh", vocab_size=5000, model_type="char")
     assert char.vocab_size < 30 and char.decode(char.encode(zh[:2])) == zh[:2]
     assert all(len(p) <= 1 for p in char.pieces(char.encode(zh[:1])[0]))
+
+
+def test_a_char_vocabulary_is_capped_by_vocab_size_and_the_rarest_characters_read_as_unknown():
+    from toolkit.tokenizer import UNK_ID, train_tokenizer
+
+    rng = np.random.default_rng(0)
+    chars = [chr(0x4E00 + i) for i in range(300)]
+    p = 1.0 / np.arange(1, 301)  # Zipf: chars[0] the most frequent, chars[-1] the rarest
+    texts = ["".join(rng.choice(chars, 12, p=p / p.sum())) for _ in range(2000)]
+    counts = Counter("".join(texts))
+    commonest, rarest = counts.most_common()[0][0], counts.most_common()[-1][0]
+    capped = train_tokenizer(texts, "zh", vocab_size=100, model_type="char")
+    whole = train_tokenizer(texts, "zh", vocab_size=5000, model_type="char")
+
+    def unknown(tok):
+        return {c for c in counts if UNK_ID in tok.encode(c)}
+
+    assert capped.vocab_size == 100 and len(unknown(capped)) > len(counts) - 100
+    assert commonest not in unknown(capped) and rarest in unknown(capped)
+    # Uncapped, only what the wide scripts' character coverage (99.95%) leaves out is unknown.
+    assert len(unknown(whole)) < 10 and unknown(whole) < unknown(capped)
 
 
 def test_manifests_get_the_values_old_packs_had_for_fields_added_later():

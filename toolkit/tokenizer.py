@@ -80,7 +80,8 @@ def train_tokenizer(texts: Iterable[str], lang: str, vocab_size: int = 2000, mod
 
     `model_type` is SentencePiece's: "unigram", "bpe" (on small English
     corpora it keeps frequent words whole, where unigram cuts "bl|ack"), or
-    "char" (one piece per character; `vocab_size` is then ignored).
+    "char" (one piece per character; `vocab_size` still caps them: past it,
+    the rarest characters read as unknown).
     """
     texts = [t for t in texts if t.strip()]
     if not texts:
