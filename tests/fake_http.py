@@ -13,8 +13,10 @@ from http.server import ThreadingHTTPServer
 
 class QuietHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    dropped = 0  # connections the client reset, counted instead of printed
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], ConnectionError):  # reset, aborted, broken pipe: the client left
+            self.dropped += 1
             return
         super().handle_error(request, client_address)
