@@ -3,10 +3,11 @@
 It serves the files of one folder with Range support (206 and
 Content-Range, as nginx and `python -m http.server`-alikes do), records every
 request, and can be told, per path, to cut the connection after some bytes
-(once) or to redirect:
+(once), to answer 503 for a while, or to redirect:
 
     with PackServer(folder) as server:
         server.drop("/zh.cappack", after=1000)         # the next GET sends 1000 bytes, then closes
+        server.unavailable("/zh.cappack", times=5)     # the next 5 GETs get 503 Service Unavailable
         server.redirect("/old.cappack", "ftp://127.0.0.1/zh.cappack")
         server.url("index.json"), server.requests        # [(path, Range header or None), ...]
 """
@@ -27,6 +28,7 @@ class PackServer:
         self.root = Path(root)
         self.requests: list[tuple[str, str | None]] = []
         self._drops: dict[str, int] = {}
+        self._unavailable: dict[str, int] = {}
         self._redirects: dict[str, str] = {}
         server = self
 
@@ -39,6 +41,10 @@ class PackServer:
             def do_GET(self):
                 path = unquote(urlsplit(self.path).path)
                 server.requests.append((path, self.headers.get("Range")))
+                if server._unavailable.get(path, 0) > 0:
+                    server._unavailable[path] -= 1
+                    self.send_error(503)
+                    return
                 if path in server._redirects:
                     self.send_response(302)
                     self.send_header("Location", server._redirects[path])
@@ -85,6 +91,9 @@ class PackServer:
 
     def drop(self, path: str, after: int) -> None:
         self._drops[path] = after
+
+    def unavailable(self, path: str, times: int) -> None:
+        self._unavailable[path] = times
 
     def redirect(self, path: str, location: str) -> None:
         self._redirects[path] = location

@@ -16,8 +16,8 @@ import pytest
 from pack_server import PackServer
 from toolkit.encoder import ENCODER_FILE, ENCODER_WEIGHTS_FILE, ENCODERS_DIR, Encoder
 from toolkit.errors import CapkitError
-from toolkit.index import available, build_index, install, load_index, resolve, validate_index
-from toolkit.pack import MANIFEST_FILE, PACK_FILES, installed_packs
+from toolkit.index import DOWNLOADS_DIR, DownloadCut, available, build_index, install, load_index, resolve, validate_index
+from toolkit.pack import MANIFEST_FILE, PACK_FILES, WORK_DIR, installed_packs
 from toolkit.share import export_pack, import_pack, read_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_install_by_name_registers_the_encoder_and_captions(served, tiny_packs, 
     assert done[-1]["done"] == done[-1]["total"] == r.entry["size"] and done[-1]["unit"] == "B"
     images = sorted(tiny_dataset["images"].iterdir())[:6]
     assert caption_images(images, ["zh"], packs).rows == caption_images(images, ["zh"], tiny_packs).rows
-    # nothing left beside the pack and its encoder: the download went to a temporary folder elsewhere
+    # nothing left beside the pack and its encoder: the download and the folders made for it are gone
     assert sorted(p.name for p in packs.iterdir()) == [ENCODERS_DIR, "zh"]
     assert sorted(p.name for p in (packs / ENCODERS_DIR).iterdir()) == [enc_id]
 
@@ -159,6 +159,67 @@ def test_install_resumes_after_the_connection_drops_half_way(served, tmp_path):
     assert gets[0] is None and len(gets) == 2
     resumed_at = int(gets[1].removeprefix("bytes=").rstrip("-"))
     assert 0 < resumed_at <= size // 2  # only the rest was asked for
+
+
+ZH11 = "/capkit-zh-1.1.0.cappack"
+
+
+def cut_install(served, packs: Path, cut=KeyboardInterrupt) -> Path:
+    """`capkit packs install zh` stopped by `cut` once the first bytes are on disk; the file they are in."""
+    size = entry(json.loads((served.root / "index.json").read_text()), "zh", "1.1.0")["size"]
+    served.drop(ZH11, after=size // 2)  # the first chunk is then less than the whole file
+
+    def stop(kind, **fields):
+        if kind == "progress" and cut is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        if kind == "progress":  # the network goes: the resumes get 503 until the tries run out
+            served.unavailable(ZH11, times=100)
+
+    with pytest.raises(cut):
+        install("zh", packs, index=served.url("index.json"), report=stop)
+    served.unavailable(ZH11, times=0)
+    parts = list((packs / WORK_DIR / DOWNLOADS_DIR).iterdir())
+    assert len(parts) == 1 and not installed_packs(packs)
+    assert 0 < parts[0].stat().st_size <= size // 2
+    return parts[0]
+
+
+@pytest.mark.parametrize("cut", [KeyboardInterrupt, DownloadCut])
+def test_a_cut_install_resumes_in_the_next_run(served, tmp_path, monkeypatch, cut):
+    monkeypatch.setattr("toolkit.index.RETRIES", 2)  # a dropped try, then one 503: given up
+    packs = tmp_path / "packs"
+    kept = cut_install(served, packs, cut).stat().st_size
+    served.requests.clear()
+    r = install("zh", packs, index=served.url("index.json"))
+    assert r.imported.action == "installed" and r.imported.manifest["pack_version"] == "1.1.0"
+    assert [rng for path, rng in served.requests if path == ZH11] == [f"bytes={kept}-"]  # only the rest
+    assert sorted(p.name for p in packs.iterdir()) == [ENCODERS_DIR, "zh"]  # the download and its folders are gone
+
+
+def test_kept_bytes_that_went_bad_are_refused_then_downloaded_afresh(served, tmp_path):
+    packs = tmp_path / "packs"
+    part = cut_install(served, packs)
+    part.write_bytes(b"x" * part.stat().st_size)
+    with pytest.raises(CapkitError, match="sha256 of what arrived .* refused") as e:
+        install("zh", packs, index=served.url("index.json"))
+    assert "downloads it afresh" in e.value.hint
+    assert not (packs / WORK_DIR).exists()
+    served.requests.clear()
+    assert install("zh", packs, index=served.url("index.json")).imported.action == "installed"
+    assert [rng for path, rng in served.requests if path == ZH11] == [None]
+
+
+def test_a_second_install_of_the_same_pack_at_once_is_refused(served, tmp_path):
+    import fcntl
+
+    packs = tmp_path / "packs"
+    part = cut_install(served, packs)
+    kept = part.read_bytes()
+    with open(part, "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as an install running in another process holds it
+        with pytest.raises(CapkitError, match="another capkit is installing zh 1.1.0 into"):
+            install("zh", packs, index=served.url("index.json"))
+    assert part.read_bytes() == kept
 
 
 def test_install_from_a_url_and_from_a_file(served, shelf, tmp_path):

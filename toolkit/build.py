@@ -41,12 +41,12 @@ from toolkit.generate import beam_search_batched
 from toolkit.modelcard import write_model_card
 from toolkit.pack import (
     CAPTIONS_FILE, DECODER_WEIGHTS_FILE, FORMAT_VERSION, HISTORY_FILE, MANIFEST_FILE, PACK_FORMAT, REFERENCES_FILE,
-    TOKENIZER_FILE, atomic_write_text, file_sha256, install_dir, load_manifest, validate_manifest, verify_files,
+    TOKENIZER_FILE, WORK_DIR, atomic_write_text, file_sha256, install_dir, load_manifest, validate_manifest,
+    verify_files,
 )
 from toolkit.progress import Report
 
 IN_MEMORY_FEATURES_BYTES = 2 << 30  # above this, training reads features memory-mapped
-WORK_DIR = ".work"          # per-build checkpoints, removed once the pack is installed
 CACHE_DIR = ".cache"        # translation cache shared by all builds
 TRANSLATION_CACHE_FILE = "translations.sqlite"
 

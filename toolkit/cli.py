@@ -841,7 +841,7 @@ def main() -> None:
         sys.exit(1)
     if code == 130:
         _close_progress()
-        typer.echo("\ninterrupted: finished work (translations, features, checkpoints) is kept; "
+        typer.echo("\ninterrupted: finished work (translations, features, checkpoints, downloads) is kept; "
                    "run the same command to resume", err=True)
     if isinstance(code, int) and code:
         sys.exit(code)

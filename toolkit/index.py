@@ -15,10 +15,14 @@ refused, before anything is unpacked, when what arrives differs:
 
 `url` is absolute (http or https) or relative to the index (a URL or a
 file). There is no default index: the location is an argument or
-$CAPKIT_INDEX. A download streams to a temporary file outside the packs dir,
-resumes with an HTTP Range request after a dropped connection, follows
-redirects only within one scheme, and is checked for size and sha256; then
-`toolkit.share.import_pack` makes all of its checks and installs.
+$CAPKIT_INDEX. A download resumes with an HTTP Range request after a
+dropped connection, follows redirects only within one scheme, and is checked
+for size and sha256; then `toolkit.share.import_pack` makes all of its
+checks and installs. A pack named in an index downloads to
+`PACKS_DIR/.work/downloads/`, where a download cut for good (Ctrl-C, or the
+network gone for RETRIES tries) is kept, so the same command resumes it;
+whatever else ends the install (success or refusal) removes it. A bare URL
+has no size and sha256 to resume against: it downloads to a temporary file.
 
     build_index("shared_packs", "shared_packs/index.json")                -> the index, written
     install("zh==1.2.0", "lang_packs", index="https://example.org/packs/index.json") -> InstallResult
@@ -26,6 +30,8 @@ redirects only within one scheme, and is checked for size and sha256; then
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -41,7 +47,7 @@ from urllib.parse import urljoin, urlsplit
 from toolkit import __version__
 from toolkit.errors import CapkitError
 from toolkit.pack import FORMAT_VERSION as PACK_FORMAT_VERSION
-from toolkit.pack import atomic_write_text, file_sha256, installed_packs, load_manifest
+from toolkit.pack import WORK_DIR, atomic_write_text, file_sha256, installed_packs, load_manifest
 from toolkit.share import ARCHIVE_SUFFIX, DEFAULT_MAX_BYTES, ImportResult, import_pack, read_archive
 
 INDEX_ENV = "CAPKIT_INDEX"
@@ -52,6 +58,7 @@ MAX_INDEX_BYTES = 8 * 2**20          # an index is a few kB per pack
 MAX_REDIRECTS = 5
 TIMEOUT = (10, 60)                   # seconds to connect, and between two reads
 RETRIES = 5                          # tries in a row without a byte of progress before a download gives up
+DOWNLOADS_DIR = "downloads"          # under the packs dir's WORK_DIR: index entries' downloads, kept when cut
 _CHUNK = 1 << 16
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]*$"          # no "/", "\\" or leading ".": never path-like
@@ -308,7 +315,7 @@ def install(
     options = dict(force=force, max_bytes=max_bytes, encoder_weights=encoder_weights, report=report)
     if kind == "file":
         return InstallResult(import_pack(Path(source), packs_dir, **options), source, None)
-    with tempfile.TemporaryDirectory(prefix="capkit-download-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="capkit-download-") as tmp, contextlib.ExitStack() as stack:
         if kind == "url":
             dest, where, entry = Path(tmp) / f"download{ARCHIVE_SUFFIX}", source, None
             download(source, dest, max_bytes=max_bytes, report=report)
@@ -317,10 +324,11 @@ def install(
             entry = resolve(idx, source)
             _check_compatible(entry, idx.location)
             where = entry_location(idx, entry)
-            dest = Path(tmp) / f"{entry['lang']}-{entry['version']}{ARCHIVE_SUFFIX}"  # schema-checked: plain names
             if _is_url(where):
-                download(where, dest, size=entry["size"], sha256=entry["sha256"], max_bytes=max_bytes, report=report)
+                dest = stack.enter_context(_partial_download(packs_dir, entry))
+                download(where, dest, size=entry["size"], sha256=entry["sha256"], resume=True, report=report)
             else:
+                dest = Path(tmp) / f"{entry['lang']}-{entry['version']}{ARCHIVE_SUFFIX}"  # schema-checked: plain names
                 _copy_checked(Path(where), dest, entry["size"], entry["sha256"])
         try:
             if entry:
@@ -393,6 +401,44 @@ class _Dropped(Exception):
     """The connection ended before the whole file came; resume it."""
 
 
+class DownloadCut(CapkitError):
+    """The network failed RETRIES times in a row without a byte of progress; what came is worth keeping."""
+
+
+@contextlib.contextmanager
+def _partial_download(packs_dir: Path, entry: dict):
+    """The file `entry`'s download goes to: `PACKS_DIR/.work/downloads/LANG-VERSION-SHA.cappack.part`.
+
+    Held under an exclusive lock (a second install of the same entry is
+    refused, not interleaved). Kept when the download is cut for good
+    (`DownloadCut`) or the install is interrupted, so the same command
+    resumes it; removed whatever else ends the install, with its folders
+    where they are left empty (the packs dir only if this install made it).
+    """
+    name = f"{entry['lang']}-{entry['version']}-{entry['sha256'][:16]}{ARCHIVE_SUFFIX}.part"  # schema-checked
+    part = packs_dir / WORK_DIR / DOWNLOADS_DIR / name
+    folders = [part.parent, part.parent.parent] + ([] if packs_dir.exists() else [packs_dir])
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "ab") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CapkitError(f"another capkit is installing {entry['lang']} {entry['version']} into {packs_dir}",
+                              hint="wait for it to end, then run the same command again") from None
+        keep = False
+        try:
+            yield part
+        except (DownloadCut, KeyboardInterrupt):
+            keep = True
+            raise
+        finally:
+            if not keep:
+                part.unlink(missing_ok=True)
+                for d in folders:
+                    with contextlib.suppress(OSError):  # not empty
+                        d.rmdir()
+
+
 def download(
     url: str,
     dest: Path,
@@ -400,22 +446,29 @@ def download(
     size: int | None = None,
     sha256: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    resume: bool = False,
     report: Callable[..., None] | None = None,
 ) -> int:
     """Stream `url` to the file `dest`, resuming with Range requests; returns the bytes written.
 
     With `size` and `sha256` (from an index entry) anything else that arrives
-    is refused; without them the file is cut off at `max_bytes`. Redirects are
-    followed only within the URL's scheme. Gives up after RETRIES tries in a
-    row that bring no new byte.
+    is refused; without them the file is cut off at `max_bytes`. With
+    `resume` (and `size`), bytes already in `dest` from a cut download are
+    kept and only the rest is asked for. Redirects are followed only within
+    the URL's scheme. Gives up (`DownloadCut`) after RETRIES tries in a row
+    that bring no new byte.
     """
     import requests
 
+    if resume and size is None:
+        raise ValueError("resume needs the size the file must have")
     limit = size if size is not None else max_bytes
     h, got, failures = hashlib.sha256(), 0, 0
-    with open(dest, "wb") as out, requests.Session() as session:
+    with open(dest, "r+b" if resume and dest.exists() else "wb") as out, requests.Session() as session:
+        kept = _kept_bytes(out, h, size) if resume else 0
+        got = kept
         session.headers["User-Agent"] = f"capkit/{__version__}"
-        while True:
+        while size is None or got < size:
             before = got
             try:
                 r = _get(session, url, {"Range": f"bytes={got}-", "Accept-Encoding": "identity"} if got
@@ -445,9 +498,10 @@ def download(
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Dropped) as e:
                 failures = 1 if got > before else failures + 1
                 if failures >= RETRIES:
-                    raise CapkitError(f"{url}: download failed after {RETRIES} tries without progress "
+                    raise DownloadCut(f"{url}: download failed after {RETRIES} tries without progress "
                                       f"({type(e).__name__}: {str(e)[:200]})",
-                                      hint="check the address and the network, then run the same command again") from None
+                                      hint="check the address and the network, then run the same command again"
+                                      + ("; it resumes where this one stopped" if resume else "")) from None
                 time.sleep(min(0.2 * 2**failures, 5))
             except requests.RequestException as e:
                 raise CapkitError(f"{url}: cannot download ({type(e).__name__}: {str(e)[:200]})") from None
@@ -458,7 +512,22 @@ def download(
                           hint="the index is out of date or the server sends the wrong file; nothing was installed")
     if sha256 is not None and h.hexdigest() != sha256:
         raise CapkitError(f"{url}: the sha256 of what arrived is not the one its index entry gives; refused",
-                          hint="the index is out of date or the server sends the wrong file; nothing was installed")
+                          hint="the index is out of date or the server sends the wrong file; nothing was installed"
+                          + (f" (the first {kept} bytes came in an earlier run: running the same command again "
+                             "downloads it afresh)" if kept else ""))
+    return got
+
+
+def _kept_bytes(out, h, size: int) -> int:
+    """Bytes a cut download left in `out` (hashed into `h`, the file left at its end); none where they exceed `size`."""
+    got = out.seek(0, os.SEEK_END)
+    if got > size:
+        out.seek(0)
+        out.truncate()
+        return 0
+    out.seek(0)
+    for chunk in iter(lambda: out.read(_CHUNK), b""):
+        h.update(chunk)
     return got
 
 

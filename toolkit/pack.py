@@ -36,6 +36,7 @@ CAPTIONS_FILE = "captions.txt"
 REFERENCES_FILE = "references.txt"
 HISTORY_FILE = "history.json"
 MODEL_CARD_FILE = "README.md"
+WORK_DIR = ".work"  # in a packs dir: builds' checkpoints and installs' cut downloads, kept so a rerun resumes
 PACK_FILES = (TOKENIZER_FILE, DECODER_WEIGHTS_FILE, CAPTIONS_FILE, REFERENCES_FILE, HISTORY_FILE, MODEL_CARD_FILE)
 
 PACK_FORMAT = "capkit-pack"
