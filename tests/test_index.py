@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -164,18 +165,21 @@ def test_install_resumes_after_the_connection_drops_half_way(served, tmp_path):
 ZH11 = "/capkit-zh-1.1.0.cappack"
 
 
-def cut_install(served, packs: Path, cut=KeyboardInterrupt) -> Path:
+def cut_install(served, packs: Path, cut="ctrl-c") -> Path:
     """`capkit packs install zh` stopped by `cut` once the first bytes are on disk; the file they are in."""
     size = entry(json.loads((served.root / "index.json").read_text()), "zh", "1.1.0")["size"]
     served.drop(ZH11, after=size // 2)  # the first chunk is then less than the whole file
 
     def stop(kind, **fields):
-        if kind == "progress" and cut is KeyboardInterrupt:
+        if kind != "progress":
+            return
+        if cut == "ctrl-c":
             raise KeyboardInterrupt
-        if kind == "progress":  # the network goes: the resumes get 503 until the tries run out
-            served.unavailable(ZH11, times=100)
+        if cut == "disk full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        served.unavailable(ZH11, times=100)  # the network goes: the resumes get 503 until the tries run out
 
-    with pytest.raises(cut):
+    with pytest.raises({"ctrl-c": KeyboardInterrupt, "disk full": OSError, "network": DownloadCut}[cut]):
         install("zh", packs, index=served.url("index.json"), report=stop)
     served.unavailable(ZH11, times=0)
     parts = list((packs / WORK_DIR / DOWNLOADS_DIR).iterdir())
@@ -184,7 +188,7 @@ def cut_install(served, packs: Path, cut=KeyboardInterrupt) -> Path:
     return parts[0]
 
 
-@pytest.mark.parametrize("cut", [KeyboardInterrupt, DownloadCut])
+@pytest.mark.parametrize("cut", ["ctrl-c", "network", "disk full"])
 def test_a_cut_install_resumes_in_the_next_run(served, tmp_path, monkeypatch, cut):
     monkeypatch.setattr("toolkit.index.RETRIES", 2)  # a dropped try, then one 503: given up
     packs = tmp_path / "packs"
@@ -207,6 +211,13 @@ def test_kept_bytes_that_went_bad_are_refused_then_downloaded_afresh(served, tmp
     served.requests.clear()
     assert install("zh", packs, index=served.url("index.json")).imported.action == "installed"
     assert [rng for path, rng in served.requests if path == ZH11] == [None]
+
+
+def test_a_packs_dir_that_cannot_be_written_is_named(served, tmp_path):
+    packs = tmp_path / "packs"
+    packs.write_text("a file, not a folder")
+    with pytest.raises(CapkitError, match="packs: cannot download the pack there"):
+        install("zh", packs, index=served.url("index.json"))
 
 
 def test_a_second_install_of_the_same_pack_at_once_is_refused(served, tmp_path):

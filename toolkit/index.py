@@ -31,6 +31,7 @@ has no size and sha256 to resume against: it downloads to a temporary file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -411,15 +412,21 @@ def _partial_download(packs_dir: Path, entry: dict):
 
     Held under an exclusive lock (a second install of the same entry is
     refused, not interleaved). Kept when the download is cut for good
-    (`DownloadCut`) or the install is interrupted, so the same command
-    resumes it; removed whatever else ends the install, with its folders
-    where they are left empty (the packs dir only if this install made it).
+    (`DownloadCut`), the disk fills or the install is interrupted, so the
+    same command resumes it; removed whatever else ends the install, with its
+    folders where they are left empty (the packs dir only if this install
+    made it).
     """
     name = f"{entry['lang']}-{entry['version']}-{entry['sha256'][:16]}{ARCHIVE_SUFFIX}.part"  # schema-checked
     part = packs_dir / WORK_DIR / DOWNLOADS_DIR / name
     folders = [part.parent, part.parent.parent] + ([] if packs_dir.exists() else [packs_dir])
-    part.parent.mkdir(parents=True, exist_ok=True)
-    with open(part, "ab") as held:
+    try:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        held = open(part, "ab")
+    except OSError as e:
+        raise CapkitError(f"{packs_dir}: cannot download the pack there ({e.strerror or e})",
+                          hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write") from None
+    with held:
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -430,6 +437,9 @@ def _partial_download(packs_dir: Path, entry: dict):
             yield part
         except (DownloadCut, KeyboardInterrupt):
             keep = True
+            raise
+        except OSError as e:
+            keep = e.errno in (errno.ENOSPC, errno.EDQUOT)  # once there is room, the same command goes on
             raise
         finally:
             if not keep:
