@@ -19,8 +19,8 @@ $CAPKIT_INDEX. A download resumes with an HTTP Range request after a
 dropped connection, follows redirects only within one scheme, and is checked
 for size and sha256; then `toolkit.share.import_pack` makes all of its
 checks and installs. A pack named in an index downloads to
-`PACKS_DIR/.work/downloads/`, where a download cut for good (Ctrl-C, or the
-network gone for RETRIES tries) is kept, so the same command resumes it;
+`PACKS_DIR/.work/downloads/`, where a download cut for good (Ctrl-C, a full
+disk, or the network gone for RETRIES tries) is kept, so the same command resumes it;
 whatever else ends the install (success or refusal) removes it. A bare URL
 has no size and sha256 to resume against: it downloads to a temporary file.
 
@@ -488,7 +488,7 @@ def download(
                     if r.status_code == 200 and got:  # the server ignored the Range: start again
                         out.seek(0)
                         out.truncate()
-                        h, got = hashlib.sha256(), 0
+                        h, got, kept = hashlib.sha256(), 0, 0
                     total = size if size is not None else (got + expected if expected is not None else None)
                     for chunk in r.iter_content(_CHUNK):
                         got += len(chunk)
