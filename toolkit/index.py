@@ -20,9 +20,10 @@ dropped connection, follows redirects only within one scheme, and is checked
 for size and sha256; then `toolkit.share.import_pack` makes all of its
 checks and installs. A pack named in an index downloads to
 `PACKS_DIR/.work/downloads/`, where a download cut for good (Ctrl-C, a full
-disk, or the network gone for RETRIES tries) is kept, so the same command resumes it;
-whatever else ends the install (success or refusal) removes it. A bare URL
-has no size and sha256 to resume against: it downloads to a temporary file.
+disk, or the network gone for RETRIES tries) is kept, so the same command
+resumes it; whatever else ends the install (success or refusal) removes it.
+A bare URL has no size and sha256 to resume against: it downloads to a
+temporary file.
 
     build_index("shared_packs", "shared_packs/index.json")                -> the index, written
     install("zh==1.2.0", "lang_packs", index="https://example.org/packs/index.json") -> InstallResult
