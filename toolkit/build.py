@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from toolkit import __version__
-from toolkit.config import (ADDED_FIELDS, LR_SCHEDULES, SEARCH, SELF_CRITICAL_EPOCHS, SELF_CRITICAL_LR_SCHEDULES,
-                            SELF_CRITICAL_REWARDS, DecoderConfig, EncoderConfig, SearchConfig, TrainConfig,
-                            resolve_tokenizer)
+from toolkit.config import (ADDED_FIELDS, LR_SCHEDULES, PACKS_DIR_HINT, SEARCH, SELF_CRITICAL_EPOCHS,
+                            SELF_CRITICAL_LR_SCHEDULES, SELF_CRITICAL_REWARDS, DecoderConfig, EncoderConfig, SearchConfig,
+                            TrainConfig, resolve_tokenizer)
 from toolkit.data import Caption, check_splits, group_by_image, read_captions, read_split, write_captions
 from toolkit.errors import CapkitError
 from toolkit.generate import beam_search_batched
@@ -651,4 +651,4 @@ def _check_writable(packs_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise CapkitError(f"{packs_dir}: packs folder is not writable ({e.strerror or e})",
-                          hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write") from None
+                          hint=PACKS_DIR_HINT) from None

@@ -12,6 +12,8 @@ from pathlib import Path
 
 PACKS_DIR_ENV = "CAPKIT_PACKS_DIR"
 DEFAULT_PACKS_DIR = "lang_packs"
+# what every refusal to write into a packs dir suggests
+PACKS_DIR_HINT = f"pass --packs-dir or set {PACKS_DIR_ENV} to a folder you can write"
 
 
 def packs_dir(override: str | Path | None = None) -> Path:

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from toolkit.config import ENCODER_PRECISIONS, EncoderConfig
+from toolkit.config import ENCODER_PRECISIONS, PACKS_DIR_HINT, EncoderConfig
 from toolkit.errors import CapkitError
 from toolkit.features import (  # noqa: F401  (the cache's names, importable here as before)
     FEATURES_FILE, FEATURES_INDEX_FILE, CacheWriteError, FeatureCache, FeatureView, image_key,
@@ -131,7 +131,7 @@ class Encoder:
             except OSError as e:
                 raise CapkitError(
                     f"{packs_dir}: cannot register the encoder there ({e.strerror or e})",
-                    hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write, with free space",
+                    hint=f"{PACKS_DIR_HINT}, with free space",
                 ) from None
         return cls(model, config, identity, home)
 
@@ -449,7 +449,7 @@ def register_encoder(packs_dir: Path, expected: dict, weights: str | Path, *, mo
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):
             raise CapkitError(f"{packs_dir}: cannot register the encoder there ({e.strerror or e})",
-                              hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write, with free space") from None
+                              hint=f"{PACKS_DIR_HINT}, with free space") from None
         raise
     return home
 

@@ -47,6 +47,7 @@ from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 from toolkit import __version__
+from toolkit.config import PACKS_DIR_HINT
 from toolkit.errors import CapkitError
 from toolkit.pack import FORMAT_VERSION as PACK_FORMAT_VERSION
 from toolkit.pack import WORK_DIR, atomic_write_text, file_sha256, installed_packs, load_manifest
@@ -426,7 +427,7 @@ def _partial_download(packs_dir: Path, entry: dict):
         held = open(part, "ab")
     except OSError as e:
         raise CapkitError(f"{packs_dir}: cannot download the pack there ({e.strerror or e})",
-                          hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write") from None
+                          hint=PACKS_DIR_HINT) from None
     with held:
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

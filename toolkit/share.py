@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from toolkit.config import PACKS_DIR_HINT
 from toolkit.encoder import ENCODER_FILE, ENCODER_FORMAT, ENCODER_WEIGHTS_FILE, ENCODERS_DIR
 from toolkit.errors import CapkitError
 from toolkit.pack import (
@@ -255,7 +256,7 @@ def import_pack(
                     folder.rmdir()
             if isinstance(e, OSError):
                 raise CapkitError(f"{packs_dir}: cannot install the pack ({e.strerror or e})",
-                                  hint="pass --packs-dir or set CAPKIT_PACKS_DIR to a folder you can write") from None
+                                  hint=PACKS_DIR_HINT) from None
             raise
     _check_encoder(packs_dir, manifest, warn)
     action = "unchanged" if unchanged else "replaced" if existed else "installed"
