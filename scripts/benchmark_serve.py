@@ -5,7 +5,10 @@
    p50/p99 request latency, against `caption_images` (what `capkit caption`
    runs) of the same photos in one call in this process, its feature cache
    off so that it encodes them as the server does. Both have their packs
-   loaded and their graphs traced before the clock starts.
+   loaded and their graphs traced before the clock starts. Between them,
+   `caption_images` again in calls of C photos, the largest batch C
+   clients of one photo each can give the server: what batching alone costs,
+   so that the rest of the gap is HTTP and the client threads.
 2. load: R requests (default 2,000) from K clients (default 32), a tenth of
    them malformed in every way the server must refuse (not an image,
    truncated, too many pixels, unknown language, broken multipart, too many
@@ -258,6 +261,13 @@ def main() -> None:
     base = caption_images(paths, langs, packs, captioner=captioner)
     base_s = time.perf_counter() - t0
     captioner.forget_features()
+    caption_images(paths[:args.clients], langs, packs, captioner=captioner)  # trace the batch shape too
+    captioner.forget_features()
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), args.clients):
+        caption_images(paths[i:i + args.clients], langs, packs, captioner=captioner)
+    batched_s = time.perf_counter() - t0
+    captioner.forget_features()
     expected: dict[str, dict] = {}
     for r in base.rows:
         expected.setdefault(Path(r["image"]).name, {})[r["lang"]] = {
@@ -280,12 +290,17 @@ def main() -> None:
         "packs": str(packs) if not args.tiny else f"tiny (synthetic, encoder {args.tiny_image_size} px)",
         "encoder": enc, "langs": langs, "images_dir": str(args.images), "cpus": os.cpu_count(),
         "caption_one_process": {"images": len(paths), "seconds": base_s, "images_per_s": len(paths) / base_s},
-        "serve": tp, "serve_vs_caption": tp["images_per_s"] / (len(paths) / base_s), "wrong_captions": wrong,
+        "caption_batches_of_clients": {"images": len(paths), "batch": args.clients, "seconds": batched_s,
+                                       "images_per_s": len(paths) / batched_s},
+        "serve": tp, "serve_vs_caption": tp["images_per_s"] / (len(paths) / base_s),
+        "batches_vs_caption": base_s / batched_s, "serve_vs_batches": batched_s / tp["seconds"], "wrong_captions": wrong,
         "load": load,
     }
     print(f"caption in one process: {len(paths)} images in {base_s:.1f}s = {len(paths) / base_s:.1f} images/s")
+    print(f"caption in calls of {args.clients}: {batched_s:.1f}s = {len(paths) / batched_s:.1f} images/s "
+          f"({out['batches_vs_caption']:.2f} of one call)")
     print(f"serve, {args.clients} clients: {tp['seconds']:.1f}s = {tp['images_per_s']:.1f} images/s "
-          f"({out['serve_vs_caption']:.2f} of caption), p50 {tp['p50_s'] * 1000:.0f} ms, p99 {tp['p99_s'] * 1000:.0f} ms; "
+          f"({out['serve_vs_caption']:.2f} of caption, {out['serve_vs_batches']:.2f} of calls of {args.clients}), p50 {tp['p50_s'] * 1000:.0f} ms, p99 {tp['p99_s'] * 1000:.0f} ms; "
           f"{len(wrong)} captions differ from caption's")
     if load:
         print(f"load: {load['sent']} of {load['planned']} requests in {load['seconds']:.0f}s; good {load['good_ok']}/"
